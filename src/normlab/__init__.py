@@ -1,0 +1,18 @@
+"""normlab: transformer normalization research toolkit.
+
+>>> import normlab
+>>> cfg = normlab.ModelConfig.from_strategy("hybridnorm_star", d_model=64, n_layers=4)
+>>> model = normlab.build_model(cfg, seed=0)
+"""
+
+from normlab.config import ModelConfig
+from normlab.errors import CheckpointError, ConfigError, DataError, NormlabError
+from normlab.nn.model import CausalLMOutput, NormLM, build_model
+from normlab.strategies import STRATEGIES, layer_plans
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES", "CausalLMOutput", "CheckpointError", "ConfigError", "DataError", "ModelConfig",
+    "NormLM", "NormlabError", "build_model", "layer_plans",
+]

@@ -1,0 +1,302 @@
+"""Model configuration: one typed dataclass, YAML round-trip, validation with one-line errors.
+
+Every field has a sensible default; ``None`` means "derive it" and is resolved in
+``__post_init__`` so that a saved config is complete and loads back to the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from normlab.errors import ConfigError
+
+NORM_TYPES = ("rmsnorm", "layernorm", "dyt", "bhyt", "bhyt_star", "none")
+PLACEMENTS = ("pre", "post", "peri", "output", "deepnorm", "mixln", "hybrid", "hybrid_star", "lns")
+#: Placements a single layer can take in ``layer_overrides`` (the schedules are built from these).
+LAYER_PLACEMENTS = ("pre", "post", "peri", "output", "hybrid")
+QK_NORMS = ("none", "qk", "qkv")
+QK_NORM_SCOPES = ("head", "full")
+INIT_SCHEMES = ("normal", "megatron", "depth_scaled", "deepnorm")
+LAYER_OVERRIDE_KEYS = ("placement", "qk_norm", "residual_scale", "branch_scale")
+
+
+def did_you_mean(value: str, choices: Any) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ConfigError naming ``name`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(
+            f"{name}: unknown value '{value}'{did_you_mean(value, choices)}; "
+            f"choose one of {', '.join(choices)}"
+        )
+
+
+def dyt_alpha_rule(d_model: int) -> tuple[float, float]:
+    """DyT's width rule for alpha0 (attention site, other sites), DyT paper Table 11."""
+    if d_model <= 1024:
+        return 1.0, 1.0
+    if d_model <= 2048:
+        return 1.0, 0.5
+    if d_model <= 4096:
+        return 0.8, 0.2
+    return 0.2, 0.05
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder whose normalization is described by ``norm`` (type) and
+    ``placement`` (which norm slots are on in each layer), see ``normlab.strategies``.
+
+    Use ``ModelConfig.from_strategy("hybridnorm", n_layers=8)`` for the named presets.
+    """
+
+    vocab_size: int = 257
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (no GQA)
+    ffn_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 32
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+    norm: str = "rmsnorm"
+    placement: str = "pre"
+    qk_norm: str | None = None  # None: 'qkv' for hybrid placements, 'qk' for output, else 'none'
+    qk_norm_scope: str | None = None  # None: 'full' for output placement (OLMo 2), else 'head'
+    qk_norm_type: str | None = None  # None: norm type, or rmsnorm when norm is bhyt/bhyt_star/none
+    final_norm: str | None = None  # None: norm type, or rmsnorm for bhyt/bhyt_star; 'none' = off
+    mixln_alpha: float = 0.25
+    layer_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    init: str = "normal"
+    init_std: float | None = None  # None: 1 / sqrt(2.5 * d_model)
+    norm_eps: float = 1e-5
+
+    dyt_alpha_attn: float | None = None  # None: DyT width rule
+    dyt_alpha_other: float | None = None  # None: DyT width rule
+    embed_scale: bool = False  # learnable scalar on the embedding output, init sqrt(d_model)
+
+    bhyt_kappa: float = 10.0
+    bhyt_lambda_attn: float = 2.0
+    bhyt_lambda_ffn: float = 1.0
+    bhyt_eps: float = 1e-6
+    bhyt_refresh_every: int = 100
+    bhyt_context_len: int | None = None  # T in c_attn; None: max_seq_len (the trainer sets seq_len)
+
+    strategy: str | None = None  # the preset this config came from (informational)
+
+    # ------------------------------------------------------------------ construction
+    def __post_init__(self) -> None:
+        self._validate_and_resolve()
+
+    @classmethod
+    def from_strategy(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Config of a named strategy (see ``normlab.strategies.STRATEGIES``) with any field overridden."""
+        from normlab.strategies import strategy_fields
+
+        check_fields(overrides, "model")
+        return cls(**{**strategy_fields(name), **overrides, "strategy": name})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from plain data; a ``strategy`` key applies that preset first."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        name = data.pop("strategy", None)
+        if name is not None:
+            return cls.from_strategy(name, **data)
+        check_fields(data, "model")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(load_yaml(path))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied, re-validated (derived fields are kept as resolved)."""
+        check_fields(changes, "model")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNet decoder residual scale alpha = (2N)^(1/4)."""
+        return (2 * self.n_layers) ** 0.25
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """DeepNet decoder init gain beta = (8N)^(-1/4)."""
+        return (8 * self.n_layers) ** -0.25
+
+    # ------------------------------------------------------------------ validation
+    def _validate_and_resolve(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check_positive_int("n_kv_heads", self.n_kv_heads)
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 32 * math.ceil(8 * self.d_model / 3 / 32)
+        _check_positive_int("ffn_hidden", self.ffn_hidden)
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_kv_heads: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"d_model: head size {self.head_dim} must be even for RoPE")
+
+        check_choice("norm", self.norm, NORM_TYPES)
+        check_choice("placement", self.placement, PLACEMENTS)
+        if self.qk_norm is None:
+            self.qk_norm = {"hybrid": "qkv", "hybrid_star": "qkv", "output": "qk"}.get(
+                self.placement, "none"
+            )
+        check_choice("qk_norm", self.qk_norm, QK_NORMS)
+        if self.qk_norm_scope is None:
+            self.qk_norm_scope = "full" if self.placement == "output" else "head"
+        check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        stat_coupled = self.norm in ("bhyt", "bhyt_star", "none")
+        if self.qk_norm_type is None:
+            self.qk_norm_type = "rmsnorm" if stat_coupled else self.norm
+        check_choice("qk_norm_type", self.qk_norm_type, ("rmsnorm", "layernorm", "dyt"))
+        if self.final_norm is None:
+            self.final_norm = "rmsnorm" if self.norm in ("bhyt", "bhyt_star") else self.norm
+        check_choice("final_norm", self.final_norm, ("rmsnorm", "layernorm", "dyt", "none"))
+        check_choice("init", self.init, INIT_SCHEMES)
+
+        if not isinstance(self.mixln_alpha, (int, float)) or not 0.0 <= self.mixln_alpha <= 1.0:
+            raise ConfigError(f"mixln_alpha: {self.mixln_alpha} is outside [0, 1]")
+        if self.init_std is None:
+            self.init_std = 1.0 / math.sqrt(2.5 * self.d_model)
+        for name in ("init_std", "norm_eps", "rope_theta", "bhyt_kappa", "bhyt_eps"):
+            _check_positive_float(name, getattr(self, name))
+        if self.dyt_alpha_attn is None or self.dyt_alpha_other is None:
+            attn, other = dyt_alpha_rule(self.d_model)
+            self.dyt_alpha_attn = attn if self.dyt_alpha_attn is None else self.dyt_alpha_attn
+            self.dyt_alpha_other = other if self.dyt_alpha_other is None else self.dyt_alpha_other
+        for name in ("dyt_alpha_attn", "dyt_alpha_other", "bhyt_lambda_attn", "bhyt_lambda_ffn"):
+            _check_float(name, getattr(self, name))
+        _check_positive_int("bhyt_refresh_every", self.bhyt_refresh_every)
+        if self.bhyt_context_len is None:
+            self.bhyt_context_len = self.max_seq_len
+        _check_positive_int("bhyt_context_len", self.bhyt_context_len)
+        for name in ("tie_embeddings", "embed_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.strategy is not None:
+            from normlab.strategies import STRATEGIES
+
+            check_choice("strategy", self.strategy, tuple(STRATEGIES))
+        self.layer_overrides = self._normalized_overrides()
+
+        # The plan validates combinations that only make sense per layer (e.g. BHyT needs Pre-Norm).
+        from normlab.strategies import layer_plans
+
+        layer_plans(self)
+
+    def _normalized_overrides(self) -> dict[int, dict[str, Any]]:
+        if not isinstance(self.layer_overrides, dict):
+            raise ConfigError("layer_overrides: expected a mapping {layer index: {field: value}}")
+        out: dict[int, dict[str, Any]] = {}
+        for key, spec in self.layer_overrides.items():
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"layer_overrides: layer index '{key}' is not an integer") from None
+            if not -self.n_layers <= index < self.n_layers:
+                raise ConfigError(
+                    f"layer_overrides: layer {index} is out of range for n_layers={self.n_layers}"
+                )
+            if not isinstance(spec, dict):
+                raise ConfigError(f"layer_overrides.{key}: expected a mapping of field: value")
+            for name, value in spec.items():
+                where = f"layer_overrides.{key}.{name}"
+                if name not in LAYER_OVERRIDE_KEYS:
+                    raise ConfigError(
+                        f"{where}: unknown key{did_you_mean(name, LAYER_OVERRIDE_KEYS)}; "
+                        f"allowed: {', '.join(LAYER_OVERRIDE_KEYS)}"
+                    )
+                if name == "placement":
+                    check_choice(where, value, LAYER_PLACEMENTS)
+                elif name == "qk_norm":
+                    check_choice(where, value, QK_NORMS)
+                else:
+                    _check_float(where, value)
+            out[index % self.n_layers] = dict(spec)
+        return dict(sorted(out.items()))
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+
+
+def _check_positive_float(name: str, value: Any) -> None:
+    _check_float(name, value)
+    if value <= 0:
+        raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+
+
+def check_fields(data: dict[str, Any], section: str, cls: type = ModelConfig) -> None:
+    """Reject keys that are not fields of ``cls``, with a did-you-mean."""
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown key{did_you_mean(key, known)}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning a missing file or bad syntax into a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}': {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}'{where}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    return data

@@ -1,0 +1,85 @@
+"""Causal self-attention: RoPE, grouped-query attention, optional Q/K/V norms, SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.nn.norms import make_norm
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_seq_len, head_dim) in the Hugging Face Llama (half-rotation) layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a] on the last dim."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """softmax(N_q(Q) N_k(K)^T / sqrt(d_k)) N_v(V) W_O, causal, RoPE on q and k.
+
+    Q/K/V norms (``qk_norm`` 'qk' or 'qkv') act after the projections and before RoPE: per head
+    over d_k with one gain shared by all heads (``scope='head'``), or over the full projection
+    width (``scope='full'``, OLMo 2).
+    """
+
+    def __init__(self, cfg, qk_norm: str = "none") -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.full_scope = cfg.qk_norm_scope == "full"
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=False)
+
+        def norm(width: int) -> nn.Module:
+            dim = width if self.full_scope else self.head_dim
+            return make_norm(cfg.qk_norm_type, dim, eps=cfg.norm_eps, site="attn", cfg=cfg)
+
+        self.q_norm = norm(q_dim) if qk_norm in ("qk", "qkv") else None
+        self.k_norm = norm(kv_dim) if qk_norm in ("qk", "qkv") else None
+        self.v_norm = norm(kv_dim) if qk_norm == "qkv" else None
+
+    def _heads(self, x: torch.Tensor, norm: nn.Module | None, n: int) -> torch.Tensor:
+        """(B, T, n*d_k) -> (B, n, T, d_k), applying the Q/K/V norm at its scope."""
+        if norm is not None and self.full_scope:
+            x = norm(x)
+        x = x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+        if norm is not None and not self.full_scope:
+            x = norm(x)
+        return x
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q = self._heads(self.q_proj(x), self.q_norm, self.n_heads)
+        k = self._heads(self.k_proj(x), self.k_norm, self.n_kv_heads)
+        v = self._heads(self.v_proj(x), self.v_norm, self.n_kv_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_HAS_GQA:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                group = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def value_output_product(self) -> torch.Tensor:
+        """W_V^exp W_O in x.W orientation (d, d), W_V expanded to every query head (GQA)."""
+        group = self.n_heads // self.n_kv_heads
+        w_v = self.v_proj.weight.unflatten(0, (self.n_kv_heads, self.head_dim))
+        w_v_exp = w_v.repeat_interleave(group, dim=0).flatten(0, 1)  # (n_heads*d_k, d)
+        return w_v_exp.t() @ self.o_proj.weight.t()

@@ -1,0 +1,84 @@
+"""The one transformer block. Its norm slots are switched on per layer by a ``LayerPlan``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab.nn.attention import Attention
+from normlab.nn.mlp import SwiGLU
+from normlab.nn.norms import make_norm
+from normlab.strategies import LayerPlan
+
+#: slot field of LayerPlan -> (module name, site for DyT alpha0 / BHyT lambda0)
+SLOTS: dict[str, tuple[str, str]] = {
+    "input_norm": ("input_layernorm", "attn"),
+    "attn_output_norm": ("attn_output_layernorm", "attn"),
+    "attn_residual_norm": ("attn_residual_norm", "attn"),
+    "ffn_input_norm": ("post_attention_layernorm", "other"),
+    "ffn_output_norm": ("post_feedforward_layernorm", "other"),
+    "ffn_residual_norm": ("ffn_residual_norm", "other"),
+}
+
+
+class Block(nn.Module):
+    """A decoder block with six norm slots; a slot that is off is the identity::
+
+        X ──┬──> input_layernorm ─> *c ─> self_attn ─> attn_output_layernorm ──┐
+            └──> *a ─────────────────────────────────────────────────────────> (+) ─> attn_residual_norm ─> Y
+        Y ──┬──> post_attention_layernorm ─> *c ─> mlp ─> post_feedforward_layernorm ──┐
+            └──> *a ────────────────────────────────────────────────────────────────> (+) ─> ffn_residual_norm ─> X'
+
+    ``a`` is the residual scale (DeepNorm alpha), ``c`` the branch scale (LNS 1/sqrt(l+1)).
+    Pre-Norm turns on the two input norms, Post-Norm the two residual norms, Peri-Norm the input
+    and output norms, OLMo 2 the output norms, HybridNorm only ``attn_residual_norm`` (so
+    X' = N(Y) + FFN(N(Y))) with Q/K/V norms inside attention.
+
+    BHyT (``shared_statistic``) computes s2 = ms(X) once; the FFN site uses
+    s2_hat = s2 + c_attn * sg(lambda_attn)^2 / kappa^2 instead of ms(Y).
+    """
+
+    def __init__(self, cfg, layer: int, plan: LayerPlan) -> None:
+        super().__init__()
+        self.layer = layer
+        self.plan = plan
+        self.residual_scale = plan.residual_scale
+        self.branch_scale = plan.branch_scale
+        self.self_attn = Attention(cfg, plan.qk_norm)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        for slot, (name, site) in SLOTS.items():
+            on = getattr(plan, slot)
+            setattr(self, name, make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, site=site, cfg=cfg)
+                    if on else nn.Identity())
+        self.shared_statistic = cfg.norm == "bhyt"
+        if self.shared_statistic:
+            self.kappa = cfg.bhyt_kappa
+            # Persistent so that a loaded model uses the constant it was trained with.
+            self.register_buffer("c_attn", torch.zeros(()), persistent=True)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.shared_statistic:
+            return self._forward_shared_statistic(x, cos, sin)
+        a, c = self.residual_scale, self.branch_scale
+        h = _scaled(self.input_layernorm(x), c)
+        y = self.attn_residual_norm(_scaled(x, a) + self.attn_output_layernorm(self.self_attn(h, cos, sin)))
+        h = _scaled(self.post_attention_layernorm(y), c)
+        return self.ffn_residual_norm(_scaled(y, a) + self.post_feedforward_layernorm(self.mlp(h)))
+
+    def _forward_shared_statistic(self, x, cos, sin) -> torch.Tensor:
+        """BHyT Pre-Norm block with one reduction: Y = X + Attn(B1(X; s2)), X' = Y + FFN(B2(Y; s2_hat))."""
+        site1, site2 = self.input_layernorm, self.post_attention_layernorm
+        s2 = site1.mean_square(x)
+        y = x + self.self_attn(site1.apply(x, s2), cos, sin)
+        s2_hat = s2 + self.c_attn * site1.lam.detach().float() ** 2 / self.kappa**2
+        return y + self.mlp(site2.apply(y, s2_hat))
+
+    @torch.no_grad()
+    def refresh_c_attn(self, context_len: int) -> None:
+        """c_attn = ||W_V^exp W_O||_F^2 / (T d) from the current weights (BHyT only)."""
+        product = self.self_attn.value_output_product().float()
+        self.c_attn.fill_(product.pow(2).sum().item() / (context_len * product.shape[0]))
+
+
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else x * scale
