@@ -6,6 +6,7 @@ Every field has a sensible default; ``None`` means "derive it" and is resolved i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -28,8 +29,12 @@ LAYER_OVERRIDE_KEYS = ("placement", "qk_norm", "residual_scale", "branch_scale")
 
 
 def did_you_mean(value: str, choices: Any) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``.
+
+    A choice the value starts with wins ('prenorm' -> 'pre'), then the closest spelling."""
+    choices = [str(c) for c in choices]
+    prefixes = [c for c in choices if len(c) >= 3 and str(value).startswith(c)]
+    close = sorted(prefixes, key=len)[-1:] or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -299,4 +304,47 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML: ``4`` -> 4, ``1e-3`` -> 0.001, ``true`` -> True, ``a,b`` -> 'a,b'."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _looks_like_float(value):
+        return float(value)
+    return value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], sections: tuple[str, ...]
+) -> dict[str, Any]:
+    """Apply ``section.key=value`` (or deeper ``section.a.b=value``) overrides to nested data."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override '{item}': expected SECTION.KEY=VALUE, e.g. model.n_layers=8")
+        if parts[0] not in sections:
+            raise ConfigError(
+                f"override '{item}': unknown section '{parts[0]}'{did_you_mean(parts[0], sections)}; "
+                f"sections: {', '.join(sections)}"
+            )
+        node = data.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = parse_value(text)
     return data

@@ -70,7 +70,7 @@ class Block(nn.Module):
         site1, site2 = self.input_layernorm, self.post_attention_layernorm
         s2 = site1.mean_square(x)
         y = x + self.self_attn(site1.apply(x, s2), cos, sin)
-        s2_hat = s2 + self.c_attn * site1.lam.detach().float() ** 2 / self.kappa**2
+        s2_hat = s2 + self.c_attn * site1.lam.detach() ** 2 / self.kappa**2
         return y + self.mlp(site2.apply(y, s2_hat))
 
     @torch.no_grad()

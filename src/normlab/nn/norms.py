@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 precision (bf16/fp16 are upcast, fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm(x) = g * x / sqrt(ms(x) + eps);  g init 1, no bias."""
 
@@ -22,7 +27,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        normed = F.rms_norm(_stat_dtype(x), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
 
     def extra_repr(self) -> str:
@@ -43,7 +48,8 @@ class LayerNorm(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        xs = _stat_dtype(x)
+        out = F.layer_norm(xs, (x.shape[-1],), self.weight.to(xs.dtype), self.bias.to(xs.dtype), self.eps)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -94,7 +100,7 @@ class BHyT(nn.Module):
     @staticmethod
     def mean_square(x: torch.Tensor) -> torch.Tensor:
         """s2 = ms(x) in fp32, shape (..., 1)."""
-        return x.float().pow(2).mean(-1, keepdim=True)
+        return _stat_dtype(x).pow(2).mean(-1, keepdim=True)
 
     def apply(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
         scale = (torch.rsqrt(s2 + self.eps) / self.kappa).to(x.dtype)
