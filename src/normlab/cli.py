@@ -49,6 +49,38 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from normlab.config import RunConfig
+    from normlab.train.trainer import train
+
+    raw = RunConfig.load(args.config, args.overrides)
+    result = train(raw, args.out, resume=args.resume, progress=not args.quiet)
+    message = f"{result.status} at step {result.step}" + (f": {result.reason}" if result.reason else "")
+    print(f"{args.out}: {message}", file=sys.stderr if result.exit_code else sys.stdout)
+    return result.exit_code
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from normlab.config import RunConfig
+    from normlab.data import read_meta
+    from normlab.train.trainer import load_data
+
+    raw = RunConfig.load(args.config, args.overrides)
+    if args.out:
+        raw.setdefault("data", {})["cache_dir"] = args.out
+    shard_dir, _ = load_data(RunConfig.from_dict(raw, vocab_size=1).data)
+    meta = read_meta(shard_dir)
+    print(f"{shard_dir}: {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} validation "
+          f"tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, sections: str = "SECTION") -> None:
+    p.add_argument("--config", help="YAML file with sections model, data, train")
+    p.add_argument("overrides", nargs="*", metavar=f"{sections}.KEY=VALUE",
+                   help="dotted overrides, e.g. model.n_layers=8 train.lr=1e-3")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normlab",
@@ -69,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", help="named strategy preset, e.g. hybridnorm_star")
     p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="field overrides")
     p.set_defaults(func=_cmd_model)
+
+    p = verbs.add_parser("train", help="train one model; --resume continues a killed or stopped run",
+                         description="Train one model into a run directory (config.yaml, "
+                         "metrics.jsonl, status.json, checkpoints/). Exit status: 0 finished, "
+                         "2 bad input, 3 diverged, 130 interrupted.")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last good checkpoint (starts it if absent)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_train)
+
+    data = verbs.add_parser("data", help="corpus and tokenizer tools")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)
+    p = data_verbs.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards",
+                              description="Tokenize data.corpus with data.tokenizer into train/val "
+                              "uint16/uint32 memory-mapped shards (streaming, flat memory). normlab "
+                              "train reuses shards whose corpus and tokenizer match.")
+    _add_config_args(p, "data")
+    p.add_argument("--out", help="cache directory for shards and trained tokenizers (default: "
+                   "$NORMLAB_CACHE or ~/.cache/normlab); train reads it with data.cache_dir=DIR")
+    p.set_defaults(func=_cmd_data_prepare)
     return parser
 
 

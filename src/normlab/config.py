@@ -348,3 +348,135 @@ def apply_overrides(
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
         node[parts[-1]] = parse_value(text)
     return data
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. ``corpus``: 'default' (embedded standard-library docs), a text
+    file, a directory, a glob, a JSONL file with a ``text`` field, or a list of those.
+    ``tokenizer``: 'byte', a directory with GPT-2 ``vocab.json`` + ``merges.txt`` or a saved
+    normlab tokenizer, or 'bpe:N' to train an N-token byte-level BPE on the corpus."""
+
+    corpus: str | list[str] = "default"
+    tokenizer: str = "byte"
+    val_fraction: float = 0.05
+    cache_dir: str | None = None  # None: $NORMLAB_CACHE or ~/.cache/normlab
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, list):
+            if not self.corpus or not all(isinstance(c, str) for c in self.corpus):
+                raise ConfigError("data.corpus: expected a path, a glob, 'default' or a list of those")
+        elif not isinstance(self.corpus, str) or not self.corpus:
+            raise ConfigError("data.corpus: expected a path, a glob, 'default' or a list of those")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError("data.tokenizer: expected 'byte', 'bpe:N' or a tokenizer directory")
+        if self.tokenizer.startswith("bpe:"):
+            size = self.tokenizer[4:]
+            if not size.isdigit() or int(size) < 260:
+                raise ConfigError(f"data.tokenizer: '{self.tokenizer}' needs a vocabulary size >= 260, e.g. bpe:4096")
+        _check_float("data.val_fraction", self.val_fraction)
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction: {self.val_fraction} is outside (0, 0.5)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. AdamW (no weight decay on norm parameters and scalars),
+    linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+
+    max_steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 2
+    precision: str = "fp32"
+    compile: bool = False
+    diverge_loss: float | None = None  # None: 3 * ln(vocab_size); a loss above it = diverged
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                     "eval_batches", "save_every", "keep_last"):
+            _check_positive_int(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"train.{name}: expected a non-negative integer, got {value!r}")
+        _check_positive_float("train.lr", self.lr)
+        for name in ("min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
+            _check_float(f"train.{name}", getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected a non-negative number, got {getattr(self, name)!r}")
+        if self.min_lr_ratio > 1:
+            raise ConfigError(f"train.min_lr_ratio: {self.min_lr_ratio} is above 1")
+        for name in ("beta1", "beta2"):
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"train.{name}: {getattr(self, name)} must be below 1")
+        check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"train.compile: expected true or false, got {self.compile!r}")
+        if self.diverge_loss is not None:
+            _check_positive_float("train.diverge_loss", self.diverge_loss)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
+        ):
+            raise ConfigError(f"train.device: '{self.device}' is not auto, cpu, cuda, cuda:N or mps")
+
+
+#: train fields that may change when a run is resumed (they do not change its trajectory)
+RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every",
+                          "keep_last", "compile", "device")
+SECTIONS = ("model", "data", "train")
+
+
+@dataclass
+class RunConfig:
+    """One YAML with sections ``model``, ``data``, ``train``. ``model.vocab_size`` left out is
+    taken from the tokenizer."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], vocab_size: int | None = None) -> RunConfig:
+        for key in data:
+            if key not in SECTIONS:
+                raise ConfigError(f"{key}: unknown section{did_you_mean(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
+        sections = {}
+        for name, section_cls in (("data", DataConfig), ("train", TrainConfig)):
+            values = data.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{name}: expected a mapping")
+            check_fields(values, name, section_cls)
+            sections[name] = section_cls(**values)
+        model = dict(data.get("model") or {})
+        if vocab_size is not None and "vocab_size" not in model:
+            model["vocab_size"] = vocab_size
+        sections["model"] = ModelConfig.from_dict(model)
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+        """The raw (unresolved) sections of a YAML file with dotted overrides applied."""
+        data = load_yaml(path) if path is not None else {}
+        return apply_overrides(data, list(overrides), SECTIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

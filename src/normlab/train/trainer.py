@@ -1,0 +1,320 @@
+"""The training loop behind ``normlab train``.
+
+One optimizer step = ``grad_accum`` micro-batches; the batch of micro-step k is a pure function
+of (seed, k), so a resumed run sees exactly the batches an uninterrupted run would, and every
+strategy trained with one seed sees the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from normlab.config import RESUMABLE_TRAIN_FIELDS, ConfigError, DataConfig, RunConfig
+from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
+from normlab.errors import CheckpointError
+from normlab.nn.model import NormLM, build_model
+from normlab.train.checkpoint import load_latest, save_checkpoint
+from normlab.train.optim import build_optimizer, build_scheduler
+from normlab.train.rundir import RunDir
+
+EXIT_DIVERGED = 3
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | diverged | interrupted
+    step: int
+    reason: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {"finished": 0, "diverged": EXIT_DIVERGED, "interrupted": 130}[self.status]
+
+
+# ---------------------------------------------------------------------------- data
+def cache_root(data: DataConfig) -> Path:
+    root = data.cache_dir or os.environ.get("NORMLAB_CACHE") or Path.home() / ".cache" / "normlab"
+    return Path(root)
+
+
+def load_data(data: DataConfig, progress: bool = True) -> tuple[Path, Any]:
+    """Tokenize the corpus into cached shards (once) and return (shard dir, tokenizer)."""
+    shard_dir = prepare_or_load(data.corpus, data.tokenizer, cache_root(data),
+                                val_fraction=data.val_fraction, progress=progress)
+    return shard_dir, load_tokenizer(shard_dir / "tokenizer")
+
+
+# ---------------------------------------------------------------------------- config
+def resolve_config(raw: dict[str, Any], vocab_size: int) -> RunConfig:
+    """The complete run config: vocab_size from the tokenizer and BHyT's T from train.seq_len
+    unless given, then the cross-section checks."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    train_seq_len = raw.get("train", {}).get("seq_len")
+    model = raw.setdefault("model", {})
+    if train_seq_len is not None and "bhyt_context_len" not in model:
+        model["bhyt_context_len"] = train_seq_len
+    cfg = RunConfig.from_dict(raw, vocab_size=vocab_size)
+    if "bhyt_context_len" not in model:
+        cfg.model = cfg.model.replace(bhyt_context_len=cfg.train.seq_len)
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({vocab_size}); leave it out to use the tokenizer's size"
+        )
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len: {cfg.train.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    return cfg
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields that differ between two resolved run configs and would change the trajectory."""
+    changes = []
+    for section in ("model", "data", "train"):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in RESUMABLE_TRAIN_FIELDS:
+                continue
+            if a.get(key) != b.get(key):
+                changes.append(f"{section}.{key} {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------- loop
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (after a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(model: NormLM, shards: TokenShards, cfg: RunConfig, device: torch.device) -> float:
+    """Mean next-token loss over the first ``train.eval_batches`` validation batches."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), _autocast(cfg, device):
+        for x, y in eval_batches(shards, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches):
+            logits = model(x.to(device))
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
+            count += y.numel()
+    model.train()
+    return total / count
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(raw: dict[str, Any], out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run described by the raw config sections into ``out``."""
+    run = RunDir(out)
+    if run.exists() and not resume:
+        status = run.read_status()
+        raise CheckpointError(
+            f"'{run.path}' already holds a run (status {status.get('status')}, step "
+            f"{status.get('step', '?')}); pass --resume to continue it or choose another --out"
+        )
+    if not run.exists() and run.path.is_dir() and any(run.path.iterdir()):
+        raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
+    run.create()
+
+    data_cfg = RunConfig.from_dict(raw, vocab_size=1).data  # every section checked before tokenizing
+    shard_dir, tokenizer = load_data(data_cfg, progress)
+    cfg = resolve_config(raw, tokenizer.vocab_size)
+    resolved = cfg.to_dict()
+    if run.exists():
+        changes = config_changes(run.read_config(), resolved)
+        if changes:
+            raise CheckpointError(
+                f"cannot resume '{run.path}' with a changed config ({'; '.join(changes[:3])}); "
+                "use the original config or another --out"
+            )
+    run.write_config(resolved)
+    return Trainer(cfg, run, shard_dir, progress).fit()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run: RunDir, shard_dir: Path, progress: bool = True) -> None:
+        self.cfg, self.run, self.progress = cfg, run, progress
+        t = cfg.train
+        self.device = pick_device(t.device)
+        self.train_shards = TokenShards(shard_dir, "train")
+        self.val_shards = TokenShards(shard_dir, "val")
+        self.sampler = BatchSampler(self.train_shards, t.batch_size, t.seq_len, t.seed)
+        eval_batches(self.val_shards, t.batch_size, t.seq_len)  # checks the split is long enough
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, seed=t.seed).to(self.device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.diverge_loss = t.diverge_loss or 3 * math.log(cfg.model.vocab_size)
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+        self.step = 0
+        self.writer = _tensorboard(run.path / "tb")
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _restore(self) -> None:
+        loaded = load_latest(self.run.checkpoints, self.model)
+        if loaded is None:
+            return
+        _, state = loaded
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step = int(state["step"])
+
+    def _save(self) -> None:
+        save_checkpoint(self.run.checkpoints, self.step, self.model, self._state(), self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        self._restore()
+        self.run.truncate_metrics(self.step)
+        if self.step >= t.max_steps:
+            self.run.write_status("finished", step=self.step)
+            return TrainResult("finished", self.step)
+        self.run.write_status("running", step=self.step, max_steps=t.max_steps)
+        bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and sys.stderr.isatty()), desc=self.run.path.name)
+        try:
+            with _StopRequest() as stop:
+                result = self._loop(bar, stop)
+        except Exception as err:
+            self.run.write_status("failed", step=self.step, reason=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        info = {"step": result.step}
+        if result.reason:
+            info["reason"] = result.reason
+        self.run.write_status(result.status, **info)
+        return result
+
+    def _loop(self, bar: tqdm, stop: _StopRequest) -> TrainResult:
+        t = self.cfg.train
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            loss, grad_norm = self._train_step()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > self.diverge_loss:
+                reason = (f"loss {loss:.4g} at step {self.step + 1}" if math.isfinite(grad_norm)
+                          else f"gradient norm {grad_norm} at step {self.step + 1}")
+                if math.isfinite(loss) and loss > self.diverge_loss:
+                    reason += f" exceeds diverge_loss {self.diverge_loss:.4g}"
+                return TrainResult("diverged", self.step, reason)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_tokens += self.tokens_per_step
+            if self.step % self.cfg.model.bhyt_refresh_every == 0:
+                self.model.refresh_bhyt_constants()
+
+            last = self.step == t.max_steps
+            record: dict[str, Any] = {}
+            if self.step % t.eval_every == 0 or last:
+                val = evaluate(self.model, self.val_shards, self.cfg, self.device)
+                record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+            if record or self.step % t.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
+                          "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **record}
+                self._log(record, bar)
+                window_start, window_tokens = time.perf_counter(), 0
+            bar.update(1)
+            if self.step % t.save_every == 0 or last or stop.requested:
+                self._save()
+            if stop.requested and not last:
+                return TrainResult("interrupted", self.step, "stopped by a signal; resume with --resume")
+        return TrainResult("finished", self.step)
+
+    def _train_step(self) -> tuple[float, float]:
+        t = self.cfg.train
+        total = 0.0
+        for micro in range(t.grad_accum):
+            x, y = self.sampler.batch(self.step * t.grad_accum + micro)
+            with _autocast(self.cfg, self.device):
+                logits = self.forward(x.to(self.device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+            (loss / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        return total, grad_norm
+
+    def _log(self, record: dict[str, Any], bar: tqdm) -> None:
+        self.run.append_metrics(record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if "val_loss" in record:
+            postfix["val"] = f"{record['val_loss']:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        if self.progress and bar.disable and "val_loss" in record:
+            print(f"{self.run.path.name}: step {record['step']}/{self.cfg.train.max_steps} "
+                  f"loss {record['loss']:.4f} val {record['val_loss']:.4f} "
+                  f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr, flush=True)
+
+
+def _tensorboard(path: Path):
+    """A SummaryWriter when tensorboard is installed, else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,237 @@
+"""Trainer: exact resume after SIGKILL, checkpoint fallback, determinism, divergence, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.config import RunConfig
+from normlab.train.checkpoint import list_checkpoints, save_checkpoint
+from normlab.train.optim import lr_factor, param_groups
+from normlab.train.rundir import RunDir
+from normlab.train.trainer import train
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+    "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=5", "train.lr=3e-3",
+    "train.eval_batches=2", "train.log_every=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(tmp_path_factory, monkeypatch):
+    """One shard cache for the whole module, outside the user's home."""
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "normlab-cache"))
+
+
+def raw(*overrides: str) -> dict:
+    return RunConfig.load(None, [*TINY, *overrides])
+
+
+def losses(run: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in RunDir(run).read_metrics()]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "normlab.cli", *args], capture_output=True,
+                          text=True, env=env, **kwargs)
+
+
+def test_lr_schedule_by_hand():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through cosine
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_and_scalars():
+    from normlab import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_strategy("bhyt", d_model=32, n_layers=2, n_heads=2))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "model.layers.0.input_layernorm.lam" in no_decay_names
+    assert "model.layers.1.post_attention_layernorm.weight" in no_decay_names
+    assert "model.norm.weight" in no_decay_names
+    assert all(n.endswith("proj.weight") or "embed" in n or "lm_head" in n
+               for n in (names[id(p)] for p in decay["params"]))
+
+
+def test_metrics_status_config_and_learning(tmp_path):
+    run = tmp_path / "run"
+    result = train(raw("train.max_steps=60", "train.eval_every=30", "train.save_every=30"), run,
+                   progress=False)
+    assert result.status == "finished" and result.step == 60
+    records = RunDir(run).read_metrics()
+    assert [r["step"] for r in records] == list(range(1, 61))
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"):
+        assert key in records[0]
+    assert records[-1]["tokens"] == 60 * 4 * 32
+    assert [r["step"] for r in records if "val_loss" in r] == [30, 60]
+    assert records[-1]["val_ppl"] == pytest.approx(math.exp(records[-1]["val_loss"]))
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    saved = RunConfig.from_dict(RunDir(run).read_config())
+    assert saved.model.vocab_size == 257 and saved.model.bhyt_context_len == 32
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [30, 60]
+    # resuming a finished run trains nothing more
+    assert train(raw("train.max_steps=60", "train.eval_every=30", "train.save_every=30"), run,
+                 resume=True, progress=False).step == 60
+    assert len(RunDir(run).read_metrics()) == 60
+
+
+def test_same_seed_same_losses_and_seed_changes_them(tmp_path):
+    a = train(raw("train.max_steps=8", "model.strategy=hybridnorm_star"), tmp_path / "a", progress=False)
+    b = train(raw("train.max_steps=8", "model.strategy=hybridnorm_star"), tmp_path / "b", progress=False)
+    c = train(raw("train.max_steps=8", "model.strategy=hybridnorm_star", "train.seed=1"), tmp_path / "c",
+              progress=False)
+    assert a.status == b.status == c.status == "finished"
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")
+
+
+def test_sigkill_and_resume_reproduce_every_logged_loss(tmp_path):
+    """Kill at an arbitrary moment (after step 13 was logged), resume, compare bit-exactly."""
+    args = ["train", "--out", None, "--quiet", *TINY, "train.max_steps=30", "train.save_every=4",
+            "train.eval_every=10", "model.strategy=bhyt", "model.bhyt_refresh_every=3",
+            "train.grad_accum=2"]
+    reference = tmp_path / "reference"
+    assert cli(*[a if a else str(reference) for a in args]).returncode == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "normlab.cli", *[a if a else str(killed) for a in args]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(RunDir(killed).read_metrics()) < 13:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = len(RunDir(killed).read_metrics())
+    assert 13 <= logged < 30, "the run finished before it could be killed"
+    assert RunDir(killed).read_status()["status"] == "running"
+
+    resumed = cli(*[a if a else str(killed) for a in args], "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(killed) == losses(reference)
+    assert len(losses(reference)) == 30
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
+    overrides = ("train.max_steps=12", "train.save_every=4", "train.keep_last=3", "train.eval_every=6")
+    train(raw(*overrides), tmp_path / "reference", progress=False)
+    run = tmp_path / "run"
+    train(raw(*overrides), run, progress=False)
+    weights = run / "checkpoints" / "step_000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    RunDir(run).truncate_metrics(9)  # as if killed after step 9 was logged
+    RunDir(run).write_status("running", step=9)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step_000012: .*truncated"):
+        result = train(raw(*overrides), run, resume=True, progress=False)
+    assert result.status == "finished"
+    assert (run / "checkpoints" / "corrupt-step_000012").is_dir()  # moved aside, not deleted
+    assert losses(run) == losses(tmp_path / "reference")
+
+
+def test_interrupted_write_leaves_no_checkpoint(tmp_path):
+    """A checkpoint whose directory was never renamed into place is invisible to resume."""
+    from normlab import ModelConfig, build_model
+
+    model = build_model(ModelConfig(d_model=32, n_layers=1, n_heads=2))
+    save_checkpoint(tmp_path, 5, model, {"step": 5}, keep_last=2)
+    (tmp_path / ".tmp-step_000010").mkdir()
+    assert [c.step for c in list_checkpoints(tmp_path)] == [5]
+    for step in (10, 15):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2)
+    assert [c.step for c in list_checkpoints(tmp_path)] == [10, 15]
+    state = torch.load(tmp_path / "step_000015" / "trainer.pt", weights_only=True)
+    assert state == {"step": 15}
+
+
+def test_divergence_is_marked_and_exits_3(tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", "--out", str(run), "--quiet", *TINY, "train.max_steps=20",
+                 "train.save_every=2", "train.diverge_loss=7.0", "train.lr=0.5", "train.warmup_steps=0",
+                 "train.grad_clip=0")  # loss 5.7, 6.4, 5.6, then 7.4 at step 4
+    assert result.returncode == 3, result.stderr
+    status = RunDir(run).read_status()
+    assert status["status"] == "diverged"
+    assert status["reason"].startswith("loss 7.") and "exceeds diverge_loss 7" in status["reason"]
+    assert status["step"] == 3  # steps completed before the diverging one
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [2]  # last good one kept
+    assert [r["step"] for r in RunDir(run).read_metrics()] == [1, 2, 3]
+    assert "diverged at step" in result.stderr
+
+
+def test_nan_loss_marks_diverged(tmp_path):
+    result = train(raw("train.max_steps=30", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0",
+                       "train.diverge_loss=1e30"), tmp_path / "run", progress=False)
+    assert result.status == "diverged" and result.exit_code == 3
+    assert "nan" in result.reason.lower() or "inf" in result.reason.lower()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.corpus=/nonexistent/corpus.txt"], "corpus '/nonexistent/corpus.txt'"),
+    (["model.vocab_size=100"], "model.vocab_size: 100 is smaller than the tokenizer's vocabulary (257)"),
+    (["train.seq_len=64"], "train.seq_len: 64 is above model.max_seq_len=32"),
+    (["train.max_step=5"], "train.max_step: unknown key (did you mean 'max_steps'?)"),
+    (["model.strategy=hybridnrom"], "did you mean 'hybridnorm'"),
+    (["trian.lr=1"], "unknown section 'trian' (did you mean 'train'?)"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, overrides, message):
+    run = tmp_path / "run"
+    result = cli("train", "--out", str(run), "--quiet", *TINY, *overrides)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert not (run / "config.yaml").exists()
+
+
+def test_empty_corpus_and_non_utf8_bytes(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = cli("train", "--out", str(tmp_path / "a"), "--quiet", *TINY, f"data.corpus={empty}")
+    assert result.returncode == 2 and "empty" in result.stderr
+    noisy = tmp_path / "noisy.txt"
+    noisy.write_bytes(("hello world " * 800).encode() + b"\xff\xfe bad bytes \xc3" + b" tail" * 100)
+    result = cli("train", "--out", str(tmp_path / "b"), "--quiet", *TINY, f"data.corpus={noisy}",
+                 "train.max_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert "3 " in result.stderr and "replace" in result.stderr
+
+
+def test_output_dir_with_another_run_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--out", str(run), "--quiet", *TINY, "train.max_steps=2").returncode == 0
+    before = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
+    again = cli("train", "--out", str(run), "--quiet", *TINY, "train.max_steps=2")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    changed = cli("train", "--out", str(run), "--quiet", *TINY, "train.max_steps=2", "model.n_layers=3",
+                  "--resume")
+    assert changed.returncode == 2 and "model.n_layers 2 -> 3" in changed.stderr
+    assert ((run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()) == before
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    result = cli("train", "--out", str(stranger), "--quiet", *TINY)
+    assert result.returncode == 2 and "holds no normlab run" in result.stderr
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli("train", "--out", str(blocker / "run"), "--quiet", *TINY)
+    assert result.returncode == 2 and "cannot write to" in result.stderr
