@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# Re-running continues (or reuses) the same run instead of overwriting it.
 demo: $(STAMP)
-	$(BIN)/normlab train --config configs/tiny.yaml --out $(DEMO_OUT) --fresh
+	$(BIN)/normlab train --config configs/tiny.yaml --out $(DEMO_OUT) --resume
+	@echo "demo run: $(DEMO_OUT) (metrics.jsonl, status.json, checkpoints/)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
