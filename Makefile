@@ -6,6 +6,7 @@ EXTRAS     ?= hf,tb,dev
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.normlab-installed
 DEMO_OUT   ?= runs/demo
+DEMO_STRATEGIES ?= pre_norm,post_norm,mixln,hybridnorm,hybridnorm_star,dyt,bhyt
 
 .PHONY: install test demo lint bench clean
 
@@ -23,10 +24,14 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Re-running continues (or reuses) the same run instead of overwriting it.
+DEMO_SEEDS ?= 0,1,2
+DEMO_JOBS  ?= 2
+
+# The main job: a controlled comparison on the embedded corpus, 7 strategies x 3 seeds, two runs
+# at a time (about 7 minutes on 2 cores). Re-running skips finished runs and resumes the others.
 demo: $(STAMP)
-	$(BIN)/normlab train --config configs/tiny.yaml --out $(DEMO_OUT) --resume
-	@echo "demo run: $(DEMO_OUT) (metrics.jsonl, status.json, checkpoints/)"
+	$(BIN)/normlab compare --config configs/tiny.yaml --strategies $(DEMO_STRATEGIES) \
+	    --seeds $(DEMO_SEEDS) --jobs $(DEMO_JOBS) --out $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -136,7 +136,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     train(raw(*overrides), run, progress=False)
     weights = run / "checkpoints" / "step_000012" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
-    RunDir(run).truncate_metrics(9)  # as if killed after step 9 was logged
+    RunDir(run).truncate_logs(9)  # as if killed after step 9 was logged
     RunDir(run).write_status("running", step=9)
     with pytest.warns(UserWarning, match=r"skipping checkpoint step_000012: .*truncated"):
         result = train(raw(*overrides), run, resume=True, progress=False)
@@ -172,7 +172,7 @@ def test_divergence_is_marked_and_exits_3(tmp_path):
     assert status["step"] == 3  # steps completed before the diverging one
     assert [c.step for c in list_checkpoints(run / "checkpoints")] == [2]  # last good one kept
     assert [r["step"] for r in RunDir(run).read_metrics()] == [1, 2, 3]
-    assert "diverged at step" in result.stderr
+    assert "diverged (loss 7." in result.stderr and "last good step 3" in result.stderr
 
 
 def test_nan_loss_marks_diverged(tmp_path):
@@ -235,3 +235,41 @@ def test_unwritable_output_directory(tmp_path):
     blocker.write_text("")
     result = cli("train", "--out", str(blocker / "run"), "--quiet", *TINY)
     assert result.returncode == 2 and "cannot write to" in result.stderr
+
+
+def test_layer_grad_norms_add_up_to_the_global_norm():
+    from normlab import ModelConfig, build_model
+    from normlab.train.callbacks import ResidualProbe, layer_grad_norms
+
+    model = build_model(ModelConfig.from_strategy("hybridnorm_star", d_model=32, n_layers=3, n_heads=2,
+                                                  vocab_size=50))
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with ResidualProbe(model) as probe:
+        out = model(ids, labels=ids, output_hidden_states=True)
+    out.loss.backward()
+    norms = layer_grad_norms(model)
+    for i in range(3):
+        parts = sum(norms[g][i] ** 2 for g in ("attn", "ffn", "norm"))
+        assert norms["total"][i] ** 2 == pytest.approx(parts, rel=1e-6)
+        block = dict(model.model.layers[i].named_parameters())
+        assert norms["norm"][i] ** 2 == pytest.approx(sum(
+            p.grad.pow(2).sum().item() for n, p in block.items() if "norm" in n), rel=1e-6)
+    outside = sum(p.grad.pow(2).sum().item() for n, p in model.named_parameters() if ".layers." not in n)
+    global_sq = sum(p.grad.pow(2).sum().item() for p in model.parameters())
+    assert sum(t ** 2 for t in norms["total"]) + outside == pytest.approx(global_sq, rel=1e-6)
+    # residual statistics: entering each block, then leaving the last one
+    hidden = out.hidden_states
+    rms = [s[0] for s in probe.stats]
+    assert len(rms) == 4
+    for i in range(3):
+        assert rms[i] == pytest.approx(hidden[i].pow(2).mean().sqrt().item(), rel=1e-5)
+    last = model.model.layers[2](hidden[2], model.model.rope_cos[:12], model.model.rope_sin[:12])
+    assert rms[3] == pytest.approx(last.pow(2).mean().sqrt().item(), rel=1e-5)
+
+
+def test_layer_stats_recorded_during_training(tmp_path):
+    run = tmp_path / "run"
+    train(raw("train.max_steps=10", "train.record_every=4", "model.n_layers=3"), run, progress=False)
+    records = RunDir(run).read_layer_stats()
+    assert [r["step"] for r in records] == [1, 4, 8, 10]
+    assert all(len(r["residual_rms"]) == 4 and len(r["grad_norm"]["total"]) == 3 for r in records)

@@ -55,8 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     raw = RunConfig.load(args.config, args.overrides)
     result = train(raw, args.out, resume=args.resume, progress=not args.quiet)
-    message = f"{result.status} at step {result.step}" + (f": {result.reason}" if result.reason else "")
-    print(f"{args.out}: {message}", file=sys.stderr if result.exit_code else sys.stdout)
+    print(f"{args.out}: {result.describe()}", file=sys.stderr if result.exit_code else sys.stdout)
     return result.exit_code
 
 
@@ -72,6 +71,56 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     meta = read_meta(shard_dir)
     print(f"{shard_dir}: {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} validation "
           f"tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from normlab.compare import compare, parse_variants
+    from normlab.config import RunConfig
+
+    seeds = _parse_list(args.seeds, int, "--seeds")
+    raw = RunConfig.load(args.config, args.overrides)
+    report, statuses = compare(raw, parse_variants(args.strategies), seeds, args.out,
+                               baseline=args.baseline, same_init=args.same_init, progress=not args.quiet,
+                               jobs=args.jobs)
+    counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
+    print(f"runs: {', '.join(f'{n} {s}' for s, n in counts.items())}", file=sys.stderr)
+    print(f"report: {report}")
+    if "interrupted" in counts:
+        return 130
+    return 1 if set(counts) - {"finished", "diverged"} else 0
+
+
+def _parse_list(text: str, kind: type, option: str) -> list:
+    from normlab.config import ConfigError, parse_value
+
+    try:
+        return [kind(parse_value(item.strip())) for item in text.split(",") if item.strip()]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option}: '{text}' is not a comma-separated list of {kind.__name__}s") from None
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from normlab.diagnostics import diagnose
+
+    if args.batches < 1:
+        from normlab.config import ConfigError
+
+        raise ConfigError(f"--batches: expected a positive integer, got {args.batches}")
+    diagnose(args.run, args.out, data=args.data, step=args.checkpoint, batches=args.batches,
+             progress=not args.quiet)
+    print(f"diagnostics: {args.out}/summary.md (numbers in diagnostics.json)")
+    return 0
+
+
+def _cmd_stability(args: argparse.Namespace) -> int:
+    from normlab.config import RunConfig
+    from normlab.diagnostics.stability import stability
+
+    path = stability(RunConfig.load(args.config, args.overrides), _parse_list(args.strategies, str, "--strategies"),
+                     _parse_list(args.lrs, float, "--lrs"), _parse_list(args.depths, int, "--depths"),
+                     _parse_list(args.seeds, int, "--seeds"), args.out, progress=not args.quiet, jobs=args.jobs)
+    print(f"stability map: {path} (table in {args.out}/stability.md)")
     return 0
 
 
@@ -112,6 +161,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last good checkpoint (starts it if absent)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_train)
+
+    p = verbs.add_parser(
+        "compare", help="controlled comparison of strategies over seeds, with a report",
+        description="Train every strategy x seed on the same batches from the same init seed "
+        "(only the normalization differs), then write report.html, report.md, summary.json and "
+        "plots/ into --out. Re-running skips finished runs and resumes interrupted ones; a "
+        "diverged run is reported as such. Exit status: 0 all runs finished or diverged, 1 some "
+        "failed, 2 bad input, 130 interrupted.")
+    _add_config_args(p)
+    p.add_argument("--strategies", default="pre_norm,post_norm,mixln,hybridnorm,hybridnorm_star,dyt,bhyt",
+                   help="comma-separated strategies; NAME[section.key=value ...] adds overrides to one "
+                   "(default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--baseline", default="pre_norm", help="strategy the others are measured against")
+    p.add_argument("--same-init", metavar="SCHEME",
+                   help="force one init scheme (normal, megatron, depth_scaled, deepnorm) for all")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once in worker processes, each with cpu_count/jobs threads "
+                   "(default: %(default)s; 2 is ~1.5x faster for tiny models on 2 cores)")
+    p.add_argument("--out", required=True, help="output directory (runs/ and the report)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_compare)
+
+    p = verbs.add_parser(
+        "diagnose", help="layer diagnostics of a trained run (gradients, activations, angular distance, ...)",
+        description="Gradient norm per layer (attention / FFN / norm), residual-stream RMS and "
+        "variance entering each layer, angular distance d(l, l+n), layer drop, norm input/output "
+        "curves with tanh saturation, and for BHyT the approximated vs exact FFN-site statistic. "
+        "Writes diagnostics.json, PNG plots and summary.md into --out.")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory written by normlab train or compare")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data", help="corpus to measure on (default: the run's validation split), "
+                   "tokenized with the run's tokenizer")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
+    p.add_argument("--batches", type=int, default=4, help="validation batches (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_diagnose)
+
+    p = verbs.add_parser(
+        "stability", help="grid of short runs over learning rate and depth; heat-map per strategy",
+        description="Train every strategy x depth x lr x seed (resumable, like compare) and draw "
+        "a heat-map of the final validation loss per strategy with diverged cells marked.")
+    _add_config_args(p)
+    p.add_argument("--strategies", default="pre_norm,post_norm,hybridnorm", help="(default: %(default)s)")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="(default: %(default)s)")
+    p.add_argument("--depths", default="4,8,16", help="(default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="(default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_stability)
 
     data = verbs.add_parser("data", help="corpus and tokenizer tools")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)

@@ -404,13 +404,14 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     diverge_loss: float | None = None  # None: 3 * ln(vocab_size); a loss above it = diverged
+    record_every: int = 0  # per-layer grad norms + residual RMS to layers.jsonl every N steps; 0 = off
     device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                      "eval_batches", "save_every", "keep_last"):
             _check_positive_int(f"train.{name}", getattr(self, name))
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "record_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"train.{name}: expected a non-negative integer, got {value!r}")
@@ -437,7 +438,7 @@ class TrainConfig:
 
 #: train fields that may change when a run is resumed (they do not change its trajectory)
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every",
-                          "keep_last", "compile", "device")
+                          "keep_last", "compile", "device", "record_every")
 SECTIONS = ("model", "data", "train")
 
 

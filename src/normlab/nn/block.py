@@ -67,11 +67,16 @@ class Block(nn.Module):
 
     def _forward_shared_statistic(self, x, cos, sin) -> torch.Tensor:
         """BHyT Pre-Norm block with one reduction: Y = X + Attn(B1(X; s2)), X' = Y + FFN(B2(Y; s2_hat))."""
-        site1, site2 = self.input_layernorm, self.post_attention_layernorm
+        y, s2_hat = self.bhyt_attention_half(x, cos, sin)
+        return y + self.mlp(self.post_attention_layernorm.apply(y, s2_hat))
+
+    def bhyt_attention_half(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Y, s2_hat) of a BHyT block: Y = X + Attn(B1(X; s2)) with s2 = ms(X), and the FFN
+        site's statistic s2_hat = s2 + c_attn * sg(lambda_attn)^2 / kappa^2 (approximates ms(Y))."""
+        site1 = self.input_layernorm
         s2 = site1.mean_square(x)
         y = x + self.self_attn(site1.apply(x, s2), cos, sin)
-        s2_hat = s2 + self.c_attn * site1.lam.detach() ** 2 / self.kappa**2
-        return y + self.mlp(site2.apply(y, s2_hat))
+        return y, s2 + self.c_attn * site1.lam.detach() ** 2 / self.kappa**2
 
     @torch.no_grad()
     def refresh_c_attn(self, context_len: int) -> None:

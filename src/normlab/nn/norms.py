@@ -70,8 +70,12 @@ class DyT(nn.Module):
         nn.init.constant_(self.alpha, self.alpha0)
         nn.init.ones_(self.weight)
 
+    def argument(self, x: torch.Tensor) -> torch.Tensor:
+        """What goes into tanh: alpha * x."""
+        return self.alpha.to(x.dtype) * x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * torch.tanh(self.alpha.to(x.dtype) * x)
+        return self.weight * torch.tanh(self.argument(x))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}"
@@ -102,9 +106,14 @@ class BHyT(nn.Module):
         """s2 = ms(x) in fp32, shape (..., 1)."""
         return _stat_dtype(x).pow(2).mean(-1, keepdim=True)
 
-    def apply(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    def argument(self, x: torch.Tensor, s2: torch.Tensor | None = None) -> torch.Tensor:
+        """What goes into tanh: lam * x / (kappa * sqrt(s2 + eps)), s2 = ms(x) when not given."""
+        s2 = self.mean_square(x) if s2 is None else s2
         scale = (torch.rsqrt(s2 + self.eps) / self.kappa).to(x.dtype)
-        return self.weight * torch.tanh(self.lam.to(x.dtype) * scale * x)
+        return self.lam.to(x.dtype) * scale * x
+
+    def apply(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.argument(x, s2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply(x, self.mean_square(x))

@@ -26,6 +26,7 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
         self.status_path = self.path / "status.json"
         self.metrics_path = self.path / "metrics.jsonl"
+        self.layers_path = self.path / "layers.jsonl"
         self.checkpoints = self.path / "checkpoints"
 
     def exists(self) -> bool:
@@ -61,16 +62,11 @@ class RunDir:
 
     # ---------------------------------------------------------------- metrics
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every complete record; a line cut by a kill is skipped."""
-        if not self.metrics_path.is_file():
-            return []
-        records = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
+        return read_jsonl(self.metrics_path)
+
+    def read_layer_stats(self) -> list[dict[str, Any]]:
+        """Per-layer gradient norms and residual statistics recorded during training."""
+        return read_jsonl(self.layers_path)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -78,7 +74,22 @@ class RunDir:
             fh.write(json.dumps(clean) + "\n")
             fh.flush()
 
-    def truncate_metrics(self, last_step: int) -> None:
-        """Drop records after ``last_step`` (they are logged again by the resumed run)."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    def truncate_logs(self, last_step: int) -> None:
+        """Drop metrics and layer records after ``last_step`` (a resumed run logs them again)."""
+        for path in (self.metrics_path, self.layers_path):
+            if path.is_file():
+                kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a JSON-lines file; a line cut by a kill is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

@@ -26,6 +26,7 @@ from normlab.config import RESUMABLE_TRAIN_FIELDS, ConfigError, DataConfig, RunC
 from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
 from normlab.errors import CheckpointError
 from normlab.nn.model import NormLM, build_model
+from normlab.train.callbacks import LayerRecorder, ResidualProbe
 from normlab.train.checkpoint import load_latest, save_checkpoint
 from normlab.train.optim import build_optimizer, build_scheduler
 from normlab.train.rundir import RunDir
@@ -38,6 +39,11 @@ class TrainResult:
     status: str  # finished | diverged | interrupted
     step: int
     reason: str | None = None
+
+    def describe(self) -> str:
+        if self.status == "diverged":
+            return f"diverged ({self.reason}); last good step {self.step}"
+        return f"{self.status} at step {self.step}" + (f" ({self.reason})" if self.reason else "")
 
     @property
     def exit_code(self) -> int:
@@ -189,6 +195,7 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
         self.step = 0
         self.writer = _tensorboard(run.path / "tb")
+        self.recorder = LayerRecorder(self.model, run.layers_path, t.record_every, t.max_steps)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -217,7 +224,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         t = self.cfg.train
         self._restore()
-        self.run.truncate_metrics(self.step)
+        self.run.truncate_logs(self.step)
         if self.step >= t.max_steps:
             self.run.write_status("finished", step=self.step)
             return TrainResult("finished", self.step)
@@ -281,14 +288,18 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, float]:
         t = self.cfg.train
+        record = self.recorder.active(self.step + 1)
+        probe = ResidualProbe(self.model)
         total = 0.0
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step * t.grad_accum + micro)
-            with _autocast(self.cfg, self.device):
+            with _autocast(self.cfg, self.device), (probe if record and micro == 0 else contextlib.nullcontext()):
                 logits = self.forward(x.to(self.device))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
+        if record:
+            self.recorder.write(self.step + 1, probe)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         return total, grad_norm

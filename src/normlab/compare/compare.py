@@ -1,0 +1,117 @@
+"""Run every (strategy, seed) with one base config, then write the report.
+
+A variant is a strategy name, optionally with overrides in brackets:
+``pre_norm,hybridnorm,hybridnorm[model.init=normal],post_norm[train.lr=1e-3]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normlab.compare.report import write_report
+from normlab.compare.sweep import SweepRun, run_sweep
+from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
+from normlab.errors import ConfigError
+from normlab.nn.model import build_model
+from normlab.strategies import STRATEGIES
+from normlab.train.checkpoint import atomic_write_text
+from normlab.train.trainer import load_data, resolve_config
+
+
+@dataclass
+class Variant:
+    label: str
+    strategy: str
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.label).strip("_")
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """Split on commas outside brackets; ``name[a.b=1 c.d=2]`` carries overrides."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise ConfigError(f"--strategies: unbalanced ']' in '{text}'")
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    if depth:
+        raise ConfigError(f"--strategies: unbalanced '[' in '{text}'")
+    variants = []
+    for item in filter(None, items):
+        match = re.fullmatch(r"([A-Za-z0-9_]+)(?:\[(.*)\])?", item)
+        if not match:
+            raise ConfigError(f"--strategies: cannot read '{item}'; expected NAME or NAME[section.key=value ...]")
+        name, extra = match.group(1), match.group(2)
+        check_choice("--strategies", name, tuple(STRATEGIES))
+        variants.append(Variant(item, name, re.split(r"[\s;]+", extra.strip()) if extra and extra.strip() else []))
+    labels = [v.label for v in variants]
+    if not variants or len(set(labels)) != len(labels):
+        raise ConfigError("--strategies: give one or more distinct strategies, e.g. pre_norm,post_norm")
+    return variants
+
+
+def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out: str | Path,
+            baseline: str = "pre_norm", same_init: str | None = None, progress: bool = True,
+            jobs: int = 1) -> tuple[Path, dict]:
+    """Train every (variant, seed) not yet done into OUT/runs and write the report into OUT.
+    Returns (report.html path, name -> status)."""
+    out = Path(out)
+    if baseline not in [v.label for v in variants]:
+        raise ConfigError(f"--baseline: '{baseline}' is not among --strategies ({', '.join(v.label for v in variants)})")
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds: give one or more distinct integers, e.g. 0,1,2")
+    if same_init is not None:
+        check_choice("--same-init", same_init, INIT_SCHEMES)
+    raw = copy.deepcopy(raw)
+    raw["train"] = dict(raw.get("train") or {})
+    checked = RunConfig.from_dict(raw, vocab_size=1)  # every section checked before tokenizing
+    if "record_every" not in raw["train"]:  # the report's per-layer plots need a few records
+        raw["train"]["record_every"] = max(1, checked.train.max_steps // 10)
+
+    # Validate every variant (and tokenize once) before any training starts.
+    _, tokenizer = load_data(checked.data, progress)
+    runs, spec_variants = [], []
+    for variant in variants:
+        overrides = [f"model.strategy={variant.strategy}", *variant.overrides]
+        if same_init is not None:
+            overrides.append(f"model.init={same_init}")
+        cfg = resolve_config(apply_overrides(raw, overrides, SECTIONS), tokenizer.vocab_size)
+        names = []
+        for seed in seeds:
+            name = f"{variant.slug}-s{seed}"
+            runs.append(SweepRun(name, {"strategy": variant.label, "seed": seed}, [*overrides, f"train.seed={seed}"]))
+            names.append(name)
+        spec_variants.append({"label": variant.label, "strategy": variant.strategy, "init": cfg.model.init,
+                              "overrides": overrides, "runs": names})
+    base = resolve_config(apply_overrides(raw, ["model.strategy=pre_norm"], SECTIONS), tokenizer.vocab_size)
+    spec = {
+        "baseline": baseline, "seeds": seeds, "same_init": same_init, "variants": spec_variants,
+        "setup": {
+            "d_model": base.model.d_model, "n_layers": base.model.n_layers, "n_heads": base.model.n_heads,
+            "n_kv_heads": base.model.n_kv_heads, "vocab_size": base.model.vocab_size,
+            "params": build_model(base.model).num_params(), "max_steps": base.train.max_steps,
+            "tokens_per_step": base.train.batch_size * base.train.seq_len * base.train.grad_accum,
+            "tokens": base.train.max_steps * base.train.batch_size * base.train.seq_len * base.train.grad_accum,
+            "lr": base.train.lr, "corpus": base.data.corpus, "tokenizer": base.data.tokenizer,
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps(spec, indent=1) + "\n")
+    statuses = run_sweep(raw, runs, out, progress, jobs)
+    return write_report(out, spec), statuses
+

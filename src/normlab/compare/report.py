@@ -1,0 +1,268 @@
+"""The comparison report: ``summary.json`` (every number), ``report.md``, ``report.html``
+(one self-contained file, plots embedded) and ``plots/*.png``. Reads run directories only."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from normlab.compare import plots
+from normlab.compare.stats import mean_std, paired_difference
+from normlab.train.checkpoint import atomic_write_text
+from normlab.train.rundir import RunDir
+
+#: share of the last logged training steps averaged into the "final training loss"
+FINAL_WINDOW = 0.1
+
+
+def run_summary(run: RunDir, seed: int) -> dict[str, Any]:
+    """Final numbers of one run (None where it has none, e.g. diverged before evaluating)."""
+    status = run.read_status()
+    metrics = run.read_metrics()
+    evaluated = [r for r in metrics if r.get("val_loss") is not None]
+    tail = metrics[-max(1, math.ceil(len(metrics) * FINAL_WINDOW)):] if metrics else []
+    finished = status.get("status") == "finished"
+    rates = sorted(r["tokens_per_s"] for r in metrics if r.get("tokens_per_s"))
+    return {
+        "seed": seed,
+        "status": status.get("status", "missing"),
+        "reason": status.get("reason"),
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "tokens": metrics[-1]["tokens"] if metrics else 0,
+        "final_train_loss": sum(r["loss"] for r in tail) / len(tail) if finished and tail else None,
+        "final_val_loss": evaluated[-1]["val_loss"] if finished and evaluated else None,
+        "final_val_ppl": evaluated[-1]["val_ppl"] if finished and evaluated else None,
+        "tokens_per_s": rates[len(rates) // 2] if rates else None,
+    }
+
+
+def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """All numbers of the report, from ``spec`` (what compare ran) and the run directories."""
+    baseline = spec["baseline"]
+    entries: dict[str, dict[str, Any]] = {}
+    for variant in spec["variants"]:
+        runs = [run_summary(RunDir(out / "runs" / name), seed)
+                for seed, name in zip(spec["seeds"], variant["runs"], strict=True)]
+        ok = [r for r in runs if r["final_val_loss"] is not None]
+        entries[variant["label"]] = {
+            "strategy": variant["strategy"],
+            "init": variant["init"],
+            "runs": runs,
+            "train_loss": mean_std([r["final_train_loss"] for r in ok]),
+            "val_loss": mean_std([r["final_val_loss"] for r in ok]),
+            "val_ppl": mean_std([r["final_val_ppl"] for r in ok]),
+            "tokens_per_s": mean_std([r["tokens_per_s"] for r in runs if r["tokens_per_s"]]),
+            "diverged": sum(r["status"] == "diverged" for r in runs),
+            "failed": sum(r["status"] not in ("finished", "diverged") for r in runs),
+            "n_runs": len(runs),
+        }
+    base = entries[baseline]
+    for label, entry in entries.items():
+        entry["delta_val_loss"] = None
+        if label != baseline:
+            pairs = [(r["final_val_loss"], b["final_val_loss"])
+                     for r, b in zip(entry["runs"], base["runs"], strict=True)
+                     if r["final_val_loss"] is not None and b["final_val_loss"] is not None]
+            if pairs:
+                entry["delta_val_loss"] = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
+        entry["verdict"] = verdict(label, entry, baseline)
+    ranking = sorted((label for label in entries if entries[label]["val_loss"]["n"]),
+                     key=lambda label: entries[label]["val_loss"]["mean"])
+    return {
+        "baseline": baseline,
+        "setup": spec["setup"],
+        "seeds": spec["seeds"],
+        "same_init": spec["same_init"],
+        "final_train_loss_window": FINAL_WINDOW,
+        "strategies": entries,
+        "ranking": ranking,
+        "headline": headline(entries, ranking, baseline),
+    }
+
+
+def verdict(label: str, entry: dict[str, Any], baseline: str) -> str:
+    """One plain sentence per strategy."""
+    n, diverged = entry["n_runs"], entry["diverged"]
+    if entry["val_loss"]["n"] == 0:
+        return f"diverged in {diverged}/{n} seeds" if diverged else f"no finished run ({n - entry['failed']}/{n} ok)"
+    unstable = f"; diverged in {diverged}/{n} seeds" if diverged else ""
+    if label == baseline:
+        return f"baseline: val loss {_pm(entry['val_loss'])}{unstable}"
+    delta = entry["delta_val_loss"]
+    if delta is None:
+        return f"val loss {_pm(entry['val_loss'])}; no seed where {baseline} also finished{unstable}"
+    size = abs(delta["mean"])
+    if delta["half_width"] is None:
+        side = "lower" if delta["mean"] < 0 else "higher"
+        return (f"{side} val loss than {baseline} by {size:.4f} (1 seed: no confidence interval; "
+                f"use more seeds){unstable}")
+    pm = f"{size:.4f} ± {delta['half_width']:.4f} (95% CI, {delta['n']} seeds)"
+    if delta["high"] < 0:
+        return f"lower val loss than {baseline} by {pm}{unstable}"
+    if delta["low"] > 0:
+        return f"higher val loss than {baseline} by {pm}{unstable}"
+    return f"no clear difference from {baseline}: {delta['mean']:+.4f} ± {delta['half_width']:.4f} (CI includes 0){unstable}"
+
+
+def headline(entries: dict[str, Any], ranking: list[str], baseline: str) -> str:
+    if not ranking:
+        return "No strategy finished a run."
+    best = ranking[0]
+    text = f"Lowest validation loss: {best} ({_pm(entries[best]['val_loss'])})"
+    if best != baseline:
+        text += f"; vs {baseline}: {entries[best]['verdict']}"
+    unstable = [label for label, e in entries.items() if e["diverged"]]
+    if unstable:
+        text += ". Diverged: " + ", ".join(f"{u} ({entries[u]['diverged']}/{entries[u]['n_runs']})" for u in unstable)
+    return text + "."
+
+
+def _pm(stat: dict[str, Any], digits: int = 4) -> str:
+    if stat["mean"] is None:
+        return "—"
+    if stat["std"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _delta(entry: dict[str, Any]) -> str:
+    d = entry["delta_val_loss"]
+    if d is None:
+        return "—"
+    if d["half_width"] is None:
+        return f"{d['mean']:+.4f}"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+TABLE_HEADER = ["strategy", "init", "val loss", "val ppl", "train loss", "Δ val loss vs baseline (95% CI)",
+                "diverged", "tokens/s"]
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    order = summary["ranking"] + [s for s in summary["strategies"] if s not in summary["ranking"]]
+    rows = []
+    for label in order:
+        e = summary["strategies"][label]
+        tps = e["tokens_per_s"]["mean"]
+        rows.append([label + (" (baseline)" if label == summary["baseline"] else ""), e["init"],
+                     _pm(e["val_loss"]), _pm(e["val_ppl"], 2), _pm(e["train_loss"]), _delta(e),
+                     f"{e['diverged']}/{e['n_runs']}", f"{tps:,.0f}" if tps else "—"])
+    return rows
+
+
+def make_figures(out: Path, summary: dict[str, Any], spec: dict[str, Any]) -> dict[str, Path]:
+    """Write the PNG plots; returns caption -> path."""
+    labels = list(summary["strategies"])
+    palette = plots.colors(labels)
+    metrics, layer_stats = {}, {}
+    for variant in spec["variants"]:
+        runs = [RunDir(out / "runs" / name) for name in variant["runs"]]
+        metrics[variant["label"]] = [r.read_metrics() for r in runs]
+        layer_stats[variant["label"]] = runs[0].read_layer_stats()
+    figures = {
+        "Loss against tokens (band: min–max over seeds)": ("loss.png", plots.loss_curves(metrics, palette)),
+        "Global gradient norm": ("grad_norm.png", plots.grad_norm_curves(metrics, palette)),
+    }
+    recorded = sorted({r["step"] for records in layer_stats.values() for r in records})
+    if recorded:
+        chosen = sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+        figures["Gradient norm per layer (first seed)"] = (
+            "layer_grad_norm.png", plots.layer_grad_norms(layer_stats, palette, chosen))
+        figures["Residual-stream RMS entering each layer, end of training (first seed)"] = (
+            "residual_rms.png", plots.residual_rms(layer_stats, palette))
+    return {caption: plots.save(fig, out / "plots" / name) for caption, (name, fig) in figures.items()}
+
+
+def write_report(out: Path, spec: dict[str, Any]) -> Path:
+    """Write summary.json, plots, report.md and report.html into ``out``; returns the HTML path."""
+    summary = summarize(out, spec)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    figures = make_figures(out, summary, spec)
+    atomic_write_text(out / "report.md", render_markdown(summary, figures, out))
+    atomic_write_text(out / "report.html", render_html(summary, figures))
+    return out / "report.html"
+
+
+def _setup_lines(summary: dict[str, Any]) -> list[str]:
+    s = summary["setup"]
+    lines = [
+        f"Model: d_model {s['d_model']}, {s['n_layers']} layers, {s['n_heads']} heads "
+        f"({s['n_kv_heads']} KV), vocabulary {s['vocab_size']:,}, {s['params']:,} parameters (pre_norm).",
+        f"Training: {s['max_steps']} steps × {s['tokens_per_step']:,} tokens = {s['tokens']:,} tokens per run, "
+        f"lr {s['lr']:g}, corpus {s['corpus']}, seeds {', '.join(map(str, summary['seeds']))}.",
+        "Controlled: every run of a seed sees the same batches in the same order and draws its "
+        "weights from the same seed; only the normalization differs.",
+    ]
+    inits = {e["init"] for e in summary["strategies"].values()}
+    if summary["same_init"]:
+        lines.append(f"Init held fixed for all strategies: {summary['same_init']} (--same-init).")
+    elif len(inits) > 1:
+        own = [f"{label} ({e['init']})" for label, e in summary["strategies"].items() if e["init"] != "normal"]
+        lines.append("Init follows each strategy's paper: " + ", ".join(own) + "; the rest normal. "
+                     "Pass --same-init normal to hold it fixed.")
+    lines.append(f"Final training loss: mean over the last {summary['final_train_loss_window']:.0%} of logged "
+                 "steps; Δ is paired by seed, negative = better than the baseline.")
+    return lines
+
+
+def render_markdown(summary: dict[str, Any], figures: dict[str, Path], out: Path) -> str:
+    lines = ["# normlab comparison", "", f"**{summary['headline']}**", "", "## Setup", ""]
+    lines += [f"- {line}" for line in _setup_lines(summary)]
+    lines += ["", "## Verdicts", ""]
+    lines += [f"- **{label}**: {e['verdict']}" for label, e in summary["strategies"].items()]
+    lines += ["", "## Results", "", "| " + " | ".join(TABLE_HEADER) + " |",
+              "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    failures = [(label, r) for label, e in summary["strategies"].items() for r in e["runs"]
+                if r["status"] != "finished"]
+    if failures:
+        lines += ["", "## Runs that did not finish", ""]
+        lines += [f"- {label} seed {r['seed']}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "")
+                  for label, r in failures]
+    lines += ["", "## Plots", ""]
+    for caption, path in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
+    return "\n".join(lines) + "\n"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1080px;margin:2em auto;
+padding:0 1em;color:#1d2330;background:#fff}h1{margin-bottom:.2em}.headline{font-size:1.15em;
+background:#eef4ff;border-left:4px solid #3b6fd8;padding:.7em 1em;margin:1em 0}
+table{border-collapse:collapse;width:100%;font-size:.9em;margin:1em 0}th,td{border-bottom:1px solid #dde;
+padding:.4em .6em;text-align:right;white-space:nowrap}th:first-child,td:first-child,td:nth-child(2),th:nth-child(2){text-align:left}
+th{background:#f3f5f9}tr.best td{background:#eafaea;font-weight:600}.better{color:#17803d}.worse{color:#b3261e}
+ul{line-height:1.5}img{max-width:100%;border:1px solid #e4e7ee;border-radius:4px}figure{margin:1.5em 0}
+figcaption{color:#556;font-size:.9em;margin-bottom:.3em}.muted{color:#667;font-size:.9em}
+"""
+
+
+def render_html(summary: dict[str, Any], figures: dict[str, Path]) -> str:
+    esc = html.escape
+    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
+             "<title>normlab comparison</title>", f"<style>{CSS}</style></head><body>",
+             "<h1>normlab comparison</h1>", f"<div class=headline>{esc(summary['headline'])}</div>",
+             "<h2>Verdicts</h2><ul>"]
+    for label, e in summary["strategies"].items():
+        delta = e["delta_val_loss"]
+        cls = ""
+        if delta and delta["high"] is not None:
+            cls = "better" if delta["high"] < 0 else "worse" if delta["low"] > 0 else ""
+        parts.append(f"<li><b>{esc(label)}</b>: <span class='{cls}'>{esc(e['verdict'])}</span></li>")
+    parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEADER) + "</tr>")
+    for i, row in enumerate(table_rows(summary)):
+        parts.append(f"<tr class='{'best' if i == 0 and summary['ranking'] else ''}'>"
+                     + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+    parts.append("</table><h2>Setup</h2><ul class=muted>")
+    parts += [f"<li>{esc(line)}</li>" for line in _setup_lines(summary)]
+    parts.append("</ul><h2>Plots</h2>")
+    for caption, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<figure><figcaption>{esc(caption)}</figcaption>"
+                     f"<img alt='{esc(caption)}' src='data:image/png;base64,{data}'></figure>")
+    parts.append("<p class=muted>Every number is in summary.json.</p></body></html>")
+    return "\n".join(parts)

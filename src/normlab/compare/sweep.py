@@ -1,0 +1,121 @@
+"""Resumable sweeps: a list of named runs that share one base config and differ by overrides.
+
+Re-running a sweep skips finished and diverged runs and resumes the others; a run that fails
+with an unexpected error is marked failed and the sweep goes on. ``compare`` and ``stability``
+both build on this.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from normlab.config import SECTIONS, apply_overrides
+from normlab.errors import NormlabError
+from normlab.train.checkpoint import atomic_write_text
+from normlab.train.rundir import RunDir
+from normlab.train.trainer import EXIT_DIVERGED, train
+
+DONE = ("finished", "diverged")
+
+
+@dataclass
+class SweepRun:
+    name: str  # directory under OUT/runs
+    labels: dict[str, Any]  # what the run stands for, e.g. {"strategy": "mixln", "seed": 1}
+    overrides: list[str] = field(default_factory=list)
+
+
+def run_dir(out: Path, run: SweepRun) -> RunDir:
+    return RunDir(out / "runs" / run.name)
+
+
+def run_sweep(raw: dict[str, Any], runs: list[SweepRun], out: Path, progress: bool = True,
+              jobs: int = 1) -> dict[str, str]:
+    """Train every run that is not done; returns name -> final status.
+
+    ``jobs > 1`` trains that many runs at once in worker processes (``normlab train``), each
+    with cpu_count // jobs threads. A NormlabError (bad config or data, a run directory that
+    holds another config) stops the sweep: it would hit every run alike. Any other error fails
+    only that run."""
+    statuses: dict[str, str] = {}
+    width = len(str(len(runs)))
+    todo = []
+    for index, run in enumerate(runs, 1):
+        head = f"[{index:>{width}}/{len(runs)}] " + " ".join(f"{k}={v}" for k, v in run.labels.items())
+        status = run_dir(out, run).read_status()["status"]
+        if status in DONE:
+            statuses[run.name] = status
+            _say(f"{head}: {status} (already done, skipped)", progress)
+        else:
+            todo.append((head, run))
+    if jobs > 1 and len(todo) > 1:
+        statuses.update(_run_parallel(raw, todo, out, progress, jobs))
+        return statuses
+    for head, run in todo:
+        directory = run_dir(out, run)
+        _say(f"{head}: {'resuming' if directory.exists() else 'training'}", progress)
+        started = time.perf_counter()
+        try:
+            result = train(apply_overrides(raw, run.overrides, SECTIONS), directory.path,
+                           resume=True, progress=progress)
+        except NormlabError:
+            raise
+        except Exception as err:  # the trainer has written status "failed" with the reason
+            statuses[run.name] = "failed"
+            _say(f"{head}: failed ({type(err).__name__}: {err}); continuing", True)
+            continue
+        statuses[run.name] = result.status
+        _say(f"{head}: {result.describe()} in {time.perf_counter() - started:.0f} s", progress)
+        if result.status == "interrupted":
+            break
+    return statuses
+
+
+def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Path, progress: bool,
+                  jobs: int) -> dict[str, str]:
+    """Train runs in ``jobs`` worker processes; returns name -> status."""
+    base = out / "sweep-base.yaml"
+    atomic_write_text(base, yaml.safe_dump(raw, sort_keys=False))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    user_errors: list[str] = []
+
+    def work(item: tuple[str, SweepRun]) -> tuple[str, str]:
+        head, run = item
+        if user_errors:
+            return run.name, "skipped"
+        directory = run_dir(out, run)
+        _say(f"{head}: {'resuming' if directory.exists() else 'training'}", progress)
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "normlab.cli", "train", "--config", str(base), "--out",
+               str(directory.path), "--resume", "--quiet", *run.overrides]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        last = lines[-1] if lines else f"exit status {result.returncode}"
+        if result.returncode == 2:
+            user_errors.append(last)
+            return run.name, "failed"
+        status = {0: "finished", EXIT_DIVERGED: "diverged", 130: "interrupted"}.get(result.returncode, "failed")
+        detail = last.split(": ", 1)[-1] if status != "failed" else f"{last}; continuing"
+        _say(f"{head}: {detail} in {time.perf_counter() - started:.0f} s", progress or status == "failed")
+        return run.name, status
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        statuses = dict(pool.map(work, todo))
+    if user_errors:
+        raise NormlabError(user_errors[0].removeprefix("normlab: error: "))
+    return statuses
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,78 @@
+"""``normlab stability``: a grid of short runs over (strategy, depth, learning rate, seed) and a
+heat-map per strategy of the final validation loss, diverged cells marked. Resumable: it is a
+sweep (``normlab.compare.sweep``) like ``compare``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from normlab.compare.plots import save
+from normlab.compare.report import run_summary
+from normlab.compare.stats import mean_std
+from normlab.compare.sweep import SweepRun, run_dir, run_sweep
+from normlab.config import RunConfig, check_choice
+from normlab.diagnostics.figures import stability_maps
+from normlab.errors import ConfigError
+from normlab.strategies import STRATEGIES
+from normlab.train.checkpoint import atomic_write_text
+from normlab.train.trainer import load_data
+
+
+def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], depths: list[int],
+              seeds: list[int], out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
+    """Train the grid (skipping finished cells) and write stability.{json,md} and the map;
+    returns the PNG path."""
+    out = Path(out)
+    for name in strategies:
+        check_choice("--strategies", name, tuple(STRATEGIES))
+    for label, values in (("--strategies", strategies), ("--lrs", lrs), ("--depths", depths), ("--seeds", seeds)):
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"{label}: give one or more distinct values")
+    if any(lr <= 0 for lr in lrs) or any(d <= 0 for d in depths):
+        raise ConfigError("--lrs and --depths must be positive")
+    checked = RunConfig.from_dict(raw, vocab_size=1)
+    load_data(checked.data, progress)  # tokenize once, before the workers start
+
+    runs = [SweepRun(f"{s}-L{d}-lr{lr:g}-s{seed}", {"strategy": s, "layers": d, "lr": f"{lr:g}", "seed": seed},
+                     [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}", f"train.seed={seed}"])
+            for s in strategies for d in depths for lr in lrs for seed in seeds]
+    run_sweep(raw, runs, out, progress, jobs)
+
+    grid: dict[str, dict[str, Any]] = {s: {} for s in strategies}
+    for run in runs:
+        summary = run_summary(run_dir(out, run), run.labels["seed"])
+        cell = grid[run.labels["strategy"]].setdefault(f"{run.labels['layers']}|{run.labels['lr']}", {"runs": []})
+        cell["runs"].append(summary)
+    for cells in grid.values():
+        for cell in cells.values():
+            finished = [r["final_val_loss"] for r in cell["runs"] if r["final_val_loss"] is not None]
+            cell["val_loss"] = mean_std(finished)["mean"]
+            cell["diverged"] = sum(r["status"] == "diverged" for r in cell["runs"])
+            cell["n"] = len(cell["runs"])
+    result = {"strategies": strategies, "depths": depths, "lrs": lrs, "seeds": seeds, "grid": grid}
+    atomic_write_text(out / "stability.json", json.dumps(result, indent=1) + "\n")
+    path = save(stability_maps(grid, strategies, depths, lrs), out / "stability.png")
+    atomic_write_text(out / "stability.md", markdown(result))
+    return path
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lrs = result["lrs"]
+    lines = ["# Stability map", "",
+             f"Final validation loss (mean over seeds {', '.join(map(str, result['seeds']))}); "
+             "✕k = k runs diverged.", ""]
+    for strategy in result["strategies"]:
+        lines += [f"## {strategy}", "", "| layers \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+                  "|---|" + "---|" * len(lrs)]
+        for depth in result["depths"]:
+            cells = []
+            for lr in lrs:
+                cell = result["grid"][strategy][f"{depth}|{lr:g}"]
+                text = "—" if cell["val_loss"] is None else f"{cell['val_loss']:.3f}"
+                cells.append(text + (f" ✕{cell['diverged']}" if cell["diverged"] else ""))
+            lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("![stability map](stability.png)")
+    return "\n".join(lines) + "\n"

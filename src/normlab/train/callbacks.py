@@ -1,0 +1,101 @@
+"""Cheap per-layer statistics recorded during training (``train.record_every``).
+
+On a recording step the trainer writes one line to ``layers.jsonl``::
+
+    {"step": s,
+     "grad_norm": {"attn": [L], "ffn": [L], "norm": [L], "total": [L]},   # before clipping
+     "residual_rms": [L+1],    # RMS of the residual stream entering each block, then leaving the last
+     "residual_var": [L+1],    # variance over channels, averaged over tokens
+     "residual_absmax": [L+1]}
+
+Forward hooks are attached only for the recording step's first micro-batch, so other steps cost
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def parameter_group(name: str) -> str:
+    """'attn', 'ffn' or 'norm' for a parameter name inside a block."""
+    if ".self_attn." in name and not name.rsplit(".", 2)[-2].endswith("_norm"):
+        return "attn"
+    if ".mlp." in name:
+        return "ffn"
+    return "norm"
+
+
+def layer_grad_norms(model: nn.Module) -> dict[str, list[float]]:
+    """L2 norm of the gradients of each block's parameters, split into attention projections,
+    FFN and norm parameters (gains, DyT alpha, BHyT lambda, Q/K/V-norm gains); ``total``
+    squared is the sum of the three squared."""
+    layers = model.model.layers
+    sums = {group: [0.0] * len(layers) for group in ("attn", "ffn", "norm")}
+    for index, block in enumerate(layers):
+        for name, p in block.named_parameters(prefix=f"layer.{index}"):
+            if p.grad is not None:
+                sums[parameter_group(name)][index] += p.grad.detach().float().pow(2).sum().item()
+    out = {group: [math.sqrt(v) for v in values] for group, values in sums.items()}
+    out["total"] = [math.sqrt(sum(sums[g][i] for g in sums)) for i in range(len(layers))]
+    return out
+
+
+class ResidualProbe:
+    """Forward hooks that record residual-stream statistics entering each block and leaving
+    the last one (before the final norm)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.stats: list[tuple[float, float, float]] = []
+        self._handles: list = []
+
+    def __enter__(self) -> ResidualProbe:
+        self.stats = []
+        layers = self.model.model.layers
+        for block in layers:
+            self._handles.append(block.register_forward_pre_hook(self._record_input))
+        self._handles.append(layers[-1].register_forward_hook(self._record_output))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self.stats.append((
+            x.pow(2).mean().sqrt().item(),
+            x.var(dim=-1, unbiased=False).mean().item(),
+            x.abs().max().item(),
+        ))
+
+    def _record_input(self, module, args) -> None:
+        self._record(args[0])
+
+    def _record_output(self, module, args, output) -> None:
+        self._record(output)
+
+
+class LayerRecorder:
+    """Writes ``layers.jsonl`` every ``every`` steps (and at the last step)."""
+
+    def __init__(self, model: nn.Module, path: Path, every: int, max_steps: int) -> None:
+        self.model, self.path, self.every, self.max_steps = model, path, every, max_steps
+
+    def active(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) is recorded."""
+        return self.every > 0 and (step % self.every == 0 or step == self.max_steps or step == 1)
+
+    def write(self, step: int, probe: ResidualProbe) -> None:
+        rms, var, absmax = (list(column) for column in zip(*probe.stats, strict=True))
+        record = {"step": step, "grad_norm": layer_grad_norms(self.model), "residual_rms": rms,
+                  "residual_var": var, "residual_absmax": absmax}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")

@@ -1,0 +1,184 @@
+"""normlab compare: controlled sweep, resumability, divergence, statistics, report files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from normlab.compare import compare, parse_variants
+from normlab.compare.report import verdict
+from normlab.compare.stats import mean_std, paired_difference
+from normlab.config import RunConfig
+from normlab.errors import ConfigError
+from normlab.train.rundir import RunDir
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+    "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=3", "train.max_steps=16",
+    "train.eval_every=8", "train.eval_batches=2", "train.log_every=2", "train.save_every=8",
+]
+VARIANTS = "pre_norm,hybridnorm_star,post_norm[train.lr=5 train.warmup_steps=0]"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    os.environ["NORMLAB_CACHE"] = str(root / "cache")
+    out = root / "out"
+    report, statuses = compare(RunConfig.load(None, TINY), parse_variants(VARIANTS), [0, 1], out,
+                               progress=False)
+    return out, report, statuses
+
+
+def test_hand_computed_confidence_interval():
+    # diffs 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(0.975, 2) = 4.302653 -> half width 0.248414
+    d = paired_difference([1.1, 1.2, 1.3], [1.0, 1.0, 1.0])
+    assert d["mean"] == pytest.approx(0.2)
+    assert d["half_width"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert (d["low"], d["high"]) == pytest.approx((0.2 - 0.248414, 0.2 + 0.248414), rel=1e-5)
+    assert paired_difference([2.0], [1.5])["half_width"] is None
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0), "n": 2}
+    assert mean_std([]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_verdict_sentences():
+    def entry(delta, diverged=0):
+        return {"n_runs": 3, "diverged": diverged, "failed": 0,
+                "val_loss": {"mean": 2.0, "std": 0.01, "n": 3}, "delta_val_loss": delta}
+
+    lower = entry({"mean": -0.05, "half_width": 0.02, "low": -0.07, "high": -0.03, "n": 3})
+    assert verdict("x", lower, "pre_norm") == "lower val loss than pre_norm by 0.0500 ± 0.0200 (95% CI, 3 seeds)"
+    higher = entry({"mean": 0.05, "half_width": 0.02, "low": 0.03, "high": 0.07, "n": 3}, diverged=1)
+    assert verdict("x", higher, "pre_norm").endswith("; diverged in 1/3 seeds")
+    assert verdict("x", higher, "pre_norm").startswith("higher val loss than pre_norm by 0.0500")
+    unclear = entry({"mean": 0.01, "half_width": 0.02, "low": -0.01, "high": 0.03, "n": 3})
+    assert "no clear difference" in verdict("x", unclear, "pre_norm")
+
+
+def test_parse_variants():
+    variants = parse_variants("pre_norm, hybridnorm[model.init=normal train.lr=1e-3],dyt")
+    assert [v.label for v in variants] == ["pre_norm", "hybridnorm[model.init=normal train.lr=1e-3]", "dyt"]
+    assert variants[1].strategy == "hybridnorm"
+    assert variants[1].overrides == ["model.init=normal", "train.lr=1e-3"]
+    assert variants[1].slug == "hybridnorm_model.init=normal_train.lr=1e-3"
+    with pytest.raises(ConfigError, match="did you mean 'hybridnorm'"):
+        parse_variants("pre_norm,hybridnrom")
+    with pytest.raises(ConfigError, match="unbalanced"):
+        parse_variants("pre_norm[train.lr=1")
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_variants("pre_norm,pre_norm")
+
+
+def test_controlled_runs_share_batches_and_init(sweep):
+    out, _, _ = sweep
+    runs = json.loads((out / "compare.json").read_text())["variants"]
+    configs = {v["label"]: RunConfig.from_dict(RunDir(out / "runs" / v["runs"][0]).read_config()) for v in runs}
+    seeds = {label: (c.train.seed, c.train.batch_size, c.train.seq_len) for label, c in configs.items()}
+    assert len(set(seeds.values())) == 1
+    assert configs["hybridnorm_star"].model.init == "megatron" and configs["pre_norm"].model.init == "normal"
+
+
+def test_report_files_hold_the_summary_numbers(sweep):
+    out, report, statuses = sweep
+    assert report == out / "report.html"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["strategies"]) == {"pre_norm", "hybridnorm_star", "post_norm[train.lr=5 train.warmup_steps=0]"}
+    markdown = (out / "report.md").read_text()
+    html = report.read_text()
+    for label in ("pre_norm", "hybridnorm_star"):
+        entry = summary["strategies"][label]
+        assert [r["status"] for r in entry["runs"]] == ["finished", "finished"]
+        val = entry["val_loss"]
+        assert val["n"] == 2
+        cell = f"{val['mean']:.4f} ± {val['std']:.4f}"
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {label}"))
+        assert cell in row and cell in html
+        finals = [RunDir(out / "runs" / f"{label}-s{s}").read_metrics()[-1]["val_loss"] for s in (0, 1)]
+        assert val["mean"] == pytest.approx(sum(finals) / 2)
+    delta = summary["strategies"]["hybridnorm_star"]["delta_val_loss"]
+    pre = [r["final_val_loss"] for r in summary["strategies"]["pre_norm"]["runs"]]
+    star = [r["final_val_loss"] for r in summary["strategies"]["hybridnorm_star"]["runs"]]
+    assert delta["mean"] == pytest.approx(sum(s - p for s, p in zip(star, pre, strict=True)) / 2)
+    assert f"{delta['mean']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]" in markdown
+    assert summary["headline"] in markdown and summary["ranking"][0] in summary["headline"]
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(images) == 4  # loss, grad norm, per-layer grad norm, residual RMS
+    for name in ("loss", "grad_norm", "layer_grad_norm", "residual_rms"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diverged_run_is_reported_and_others_complete(sweep):
+    out, _, statuses = sweep
+    summary = json.loads((out / "summary.json").read_text())
+    bad = summary["strategies"]["post_norm[train.lr=5 train.warmup_steps=0]"]
+    assert bad["diverged"] == 2 and bad["verdict"] == "diverged in 2/2 seeds"
+    assert all(r["reason"] and "diverge_loss" in r["reason"] for r in bad["runs"])
+    assert sorted(statuses.values()) == ["diverged", "diverged", "finished", "finished", "finished", "finished"]
+    assert "Diverged: post_norm" in summary["headline"]
+
+
+def test_rerun_skips_finished_and_resumes_interrupted(sweep, tmp_path):
+    out, _, _ = sweep
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    victim = RunDir(copy / "runs" / "pre_norm-s1")
+    reference = victim.read_metrics()
+    shutil.rmtree(victim.checkpoints / "step_000016")  # as if killed after step 8's checkpoint
+    victim.write_status("running", step=8)
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("runs/*/metrics.jsonl") if "pre_norm-s1" not in str(p)}
+    env = {**os.environ, "NORMLAB_CACHE": os.environ["NORMLAB_CACHE"]}
+    result = subprocess.run([sys.executable, "-m", "normlab.cli", "compare", "--strategies", VARIANTS,
+                             "--seeds", "0,1", "--out", str(copy), *TINY], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("already done, skipped") == 5
+    assert "strategy=pre_norm seed=1: resuming" in result.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing else retrained
+    def without_timing(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    assert without_timing(victim.read_metrics()) == without_timing(reference)  # same losses as before
+    assert result.stdout.strip() == f"report: {copy / 'report.html'}"
+
+
+def test_bad_compare_arguments_exit_2(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "normlab.cli", "compare", "--out", str(tmp_path / "o"),
+                               *args, *TINY], capture_output=True, text=True)
+
+    for args, message in [
+        (["--strategies", "pre_norm,post_norm", "--baseline", "dyt"], "--baseline: 'dyt' is not among"),
+        (["--strategies", "pre_norm", "--seeds", "0,x"], "--seeds: '0,x' is not a comma-separated list"),
+        (["--strategies", "pre_norm", "--same-init", "megatrom"], "did you mean 'megatron'"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
+    from matplotlib.image import imread
+
+    _, report, _ = sweep
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1100,2400", report.as_uri()],
+                   capture_output=True, timeout=120, check=False)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    pixels = imread(shot)[..., :3]
+    not_white = (pixels < 0.9).any(axis=-1).mean()
+    assert not_white > 0.05, f"screenshot is nearly blank ({not_white:.1%} non-white pixels)"
+    colourful = (pixels.max(-1) - pixels.min(-1) > 0.25).mean()
+    assert colourful > 0.002, "no coloured pixels: the plots did not render"
