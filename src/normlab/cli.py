@@ -124,6 +124,19 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from normlab.bench import run_bench
+    from normlab.config import ConfigError
+
+    for name in ("d_model", "layers", "heads", "seq_len", "batch", "vocab", "rounds"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer")
+    strategies = _parse_list(args.strategies, str, "--strategies") if args.strategies else None
+    run_bench(args.d_model, args.layers, args.heads, args.seq_len, args.batch, args.vocab, args.rounds,
+              args.device, strategies, args.out)
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser, sections: str = "SECTION") -> None:
     p.add_argument("--config", help="YAML file with sections model, data, train")
     p.add_argument("overrides", nargs="*", metavar=f"{sections}.KEY=VALUE",
@@ -212,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_stability)
+
+    p = verbs.add_parser(
+        "bench", help="speed ratios measured side by side (normlab vs transformers, strategies, norms)",
+        description="Times candidates in interleaved rounds and prints median-time ratios: normlab "
+        "Pre-Norm vs transformers LlamaForCausalLM with the same weights, every strategy's train "
+        "step vs pre_norm, every norm type vs RMSNorm.")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--strategies", help="comma-separated subset (default: all)")
+    p.add_argument("--out", help="also save the numbers as JSON")
+    p.set_defaults(func=_cmd_bench)
 
     data = verbs.add_parser("data", help="corpus and tokenizer tools")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)

@@ -1,0 +1,150 @@
+"""``normlab bench``: speed ratios measured side by side in one run.
+
+Absolute times on shared machines are noisy, so every benchmark times its candidates in
+interleaved rounds (A, B, C, A, B, C, ...) with ``torch.utils.benchmark.Timer`` and reports the
+median time of each candidate divided by the reference's median.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from normlab.config import ModelConfig
+from normlab.nn.model import build_model
+from normlab.nn.norms import make_norm
+from normlab.strategies import STRATEGIES
+
+
+def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, number: int) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in alternating rounds (``Timer.timeit``
+    warms up before each measurement)."""
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}) for name, fn in candidates.items()}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer.timeit(number).mean)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _train_step(model, ids: torch.Tensor, logits_of: Callable) -> Callable[[], None]:
+    def step() -> None:
+        logits = logits_of(model, ids)
+        F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_vs_hf(cfg: ModelConfig, ids: torch.Tensor, rounds: int) -> dict[str, Any] | None:
+    """normlab Pre-Norm vs transformers.LlamaForCausalLM with the same weights: train step and
+    forward. None when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    ours = build_model(cfg).to(ids.device)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(ids.device)
+    hf.load_state_dict(ours.state_dict())
+
+    def ours_logits(m, x):
+        return m(x)
+
+    def hf_logits(m, x):
+        return m(input_ids=x, use_cache=False).logits
+
+    train = interleaved({"normlab": _train_step(ours, ids, ours_logits),
+                         "transformers": _train_step(hf, ids, hf_logits)}, rounds, 1)
+    with torch.no_grad():
+        forward = interleaved({"normlab": lambda: ours(ids), "transformers": lambda: hf_logits(hf, ids)}, rounds, 1)
+    return {"train_step": train, "forward": forward,
+            "train_ratio": train["normlab"] / train["transformers"],
+            "forward_ratio": forward["normlab"] / forward["transformers"]}
+
+
+def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: list[str]) -> dict[str, float]:
+    """Train-step time of each strategy (same sizes) in seconds."""
+    steps = {}
+    for name in names:
+        model = build_model(ModelConfig.from_strategy(name, **_sizes(cfg))).to(ids.device)
+        steps[name] = _train_step(model, ids, lambda m, x: m(x))
+    return interleaved(steps, rounds, 1)
+
+
+def bench_norms(cfg: ModelConfig, tokens: int, rounds: int, device: torch.device) -> dict[str, float]:
+    """Forward + backward of one norm of each type on (tokens, d_model) in seconds."""
+    x = torch.randn(tokens, cfg.d_model, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    calls = {}
+    for kind in ("rmsnorm", "layernorm", "dyt", "bhyt_star"):
+        norm = make_norm(kind, cfg.d_model, eps=cfg.norm_eps, site="attn", cfg=cfg).to(device)
+
+        def call(norm=norm) -> None:
+            norm(x).backward(grad)
+            x.grad = None
+        calls[kind] = call
+    return interleaved(calls, rounds, 5)
+
+
+def _sizes(cfg: ModelConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                          "ffn_hidden", "max_seq_len")}
+
+
+def run_bench(d_model: int = 256, n_layers: int = 4, n_heads: int = 4, seq_len: int = 256, batch_size: int = 8,
+              vocab_size: int = 4096, rounds: int = 7, device: str = "cpu", strategies: list[str] | None = None,
+              out: str | Path | None = None) -> dict[str, Any]:
+    """Run every benchmark, print ratio tables, optionally save JSON."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_strategy("pre_norm", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                                    n_heads=n_heads, max_seq_len=seq_len)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), device=dev)
+    names = strategies or list(STRATEGIES)
+    result: dict[str, Any] = {
+        "setup": {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "seq_len": seq_len,
+                  "batch_size": batch_size, "vocab_size": vocab_size, "rounds": rounds},
+    }
+    _say(f"normlab bench on {dev} ({torch.get_num_threads()} threads): d_model {d_model}, {n_layers} layers, "
+         f"batch {batch_size} x {seq_len} tokens; median of {rounds} interleaved rounds")
+    result["vs_transformers"] = bench_vs_hf(cfg, ids, rounds)
+    if result["vs_transformers"]:
+        r = result["vs_transformers"]
+        _say("\nnormlab pre_norm / transformers LlamaForCausalLM (same weights; < 1 = normlab faster)")
+        _say(f"  train step (fwd+bwd)  {r['train_ratio']:.3f}   ({r['train_step']['normlab'] * 1e3:.1f} ms "
+             f"vs {r['train_step']['transformers'] * 1e3:.1f} ms)")
+        _say(f"  forward               {r['forward_ratio']:.3f}")
+    else:
+        _say("\n(transformers not installed: skipping the Hugging Face comparison)")
+    steps = bench_strategies(cfg, ids, rounds, names)
+    base = steps.get("pre_norm", next(iter(steps.values())))
+    result["strategies"] = {n: {"seconds": t, "ratio_to_pre_norm": t / base} for n, t in steps.items()}
+    _say("\ntrain step relative to pre_norm")
+    for name, entry in result["strategies"].items():
+        _say(f"  {name:<16} {entry['ratio_to_pre_norm']:.3f}")
+    norms = bench_norms(cfg, batch_size * seq_len, rounds, dev)
+    result["norms"] = {n: {"seconds": t, "ratio_to_rmsnorm": t / norms["rmsnorm"]} for n, t in norms.items()}
+    _say("\nnorm forward+backward relative to rmsnorm (eager, no fused kernels)")
+    for name, entry in result["norms"].items():
+        _say(f"  {name:<16} {entry['ratio_to_rmsnorm']:.3f}")
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        _say(f"\nsaved {out}")
+    return result
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
