@@ -7,6 +7,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from normlab.errors import NormlabError
@@ -55,7 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     raw = RunConfig.load(args.config, args.overrides)
     result = train(raw, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"{args.out}: {result.describe()}", file=sys.stderr if result.exit_code else sys.stdout)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"{args.out}: {result.describe()}", file=sys.stderr if result.exit_code else sys.stdout)
     return result.exit_code
 
 
@@ -166,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train one model; --resume continues a killed or stopped run",
                          description="Train one model into a run directory (config.yaml, "
-                         "metrics.jsonl, status.json, checkpoints/). Exit status: 0 finished, "
-                         "2 bad input, 3 diverged, 130 interrupted.")
+                         "metrics.jsonl, status.json, checkpoints/). Several processes: "
+                         "torchrun --nproc_per_node N -m normlab train ... (DDP; train.batch_size "
+                         "is the global batch). Exit status: 0 finished, 2 bad input, 3 diverged, "
+                         "130 interrupted.")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true",

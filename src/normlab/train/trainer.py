@@ -20,14 +20,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from normlab.config import RESUMABLE_TRAIN_FIELDS, ConfigError, DataConfig, RunConfig
 from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
-from normlab.errors import CheckpointError
+from normlab.errors import CheckpointError, NormlabError
 from normlab.nn.model import NormLM, build_model
+from normlab.train import distributed
 from normlab.train.callbacks import LayerRecorder, ResidualProbe
 from normlab.train.checkpoint import load_latest, save_checkpoint
+from normlab.train.distributed import World
 from normlab.train.optim import build_optimizer, build_scheduler
 from normlab.train.rundir import RunDir
 
@@ -130,16 +133,22 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def evaluate(model: NormLM, shards: TokenShards, cfg: RunConfig, device: torch.device) -> float:
-    """Mean next-token loss over the first ``train.eval_batches`` validation batches."""
+def evaluate(model: NormLM, shards: TokenShards, cfg: RunConfig, device: torch.device,
+             world: World = distributed.SINGLE) -> float:
+    """Mean next-token loss over the first ``train.eval_batches`` validation batches (shared
+    out round-robin between processes)."""
     model.eval()
     total, count = 0.0, 0
+    batches = eval_batches(shards, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches)
     with torch.no_grad(), _autocast(cfg, device):
-        for x, y in eval_batches(shards, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches):
+        for index, (x, y) in enumerate(batches):
+            if index % world.world_size != world.rank:
+                continue
             logits = model(x.to(device))
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
             count += y.numel()
     model.train()
+    total, count = distributed.all_reduce_sum(world, [total, count])
     return total / count
 
 
@@ -150,52 +159,92 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 def train(raw: dict[str, Any], out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run described by the raw config sections into ``out``."""
-    run = RunDir(out)
-    if run.exists() and not resume:
+    """Train (or resume) the run described by the raw config sections into ``out``. Under
+    ``torchrun`` every process calls this; rank 0 does all the writing."""
+    world = distributed.setup()
+    try:
+        return _train(raw, RunDir(out), resume, progress and world.is_main, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world: World) -> TrainResult:
+    exists = run.exists()  # every rank checks before rank 0 writes anything
+    if exists and not resume:
         status = run.read_status()
         raise CheckpointError(
             f"'{run.path}' already holds a run (status {status.get('status')}, step "
             f"{status.get('step', '?')}); pass --resume to continue it or choose another --out"
         )
-    if not run.exists() and run.path.is_dir() and any(run.path.iterdir()):
+    if not exists and run.path.is_dir() and any(run.path.iterdir()):
         raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
-    run.create()
-
     data_cfg = RunConfig.from_dict(raw, vocab_size=1).data  # every section checked before tokenizing
-    shard_dir, tokenizer = load_data(data_cfg, progress)
+    _main_first(world, run.create)
+    shard_dir, tokenizer = _main_first(world, lambda: load_data(data_cfg, progress))
     cfg = resolve_config(raw, tokenizer.vocab_size)
+    if cfg.train.batch_size % world.world_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                          f"{world.world_size} processes")
     resolved = cfg.to_dict()
-    if run.exists():
+    if exists:
         changes = config_changes(run.read_config(), resolved)
         if changes:
             raise CheckpointError(
                 f"cannot resume '{run.path}' with a changed config ({'; '.join(changes[:3])}); "
                 "use the original config or another --out"
             )
-    run.write_config(resolved)
-    return Trainer(cfg, run, shard_dir, progress).fit()
+    distributed.barrier(world)
+    if world.is_main:
+        run.write_config(resolved)
+    return Trainer(cfg, run, shard_dir, progress, world).fit()
+
+
+def _main_first(world: World, fn):
+    """Run ``fn`` on rank 0, then on the other ranks (which then find its results, e.g. the
+    tokenized shards). A user error on rank 0 stops every rank."""
+    result, failed = None, False
+    if world.is_main:
+        try:
+            result = fn()
+        except NormlabError:
+            failed = True
+            if not world.distributed:
+                raise
+    if distributed.any_rank(world, failed):
+        if world.is_main:
+            raise
+        raise NormlabError("rank 0 stopped with an error (see its message)")
+    return result if world.is_main else fn()
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run: RunDir, shard_dir: Path, progress: bool = True) -> None:
-        self.cfg, self.run, self.progress = cfg, run, progress
+    """One run. ``train.batch_size`` is the global batch; with N processes each takes
+    batch_size / N windows of the step's batch, so the trajectory does not depend on N."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, shard_dir: Path, progress: bool = True,
+                 world: World = distributed.SINGLE) -> None:
+        self.cfg, self.run, self.progress, self.world = cfg, run, progress, world
         t = cfg.train
         self.device = pick_device(t.device)
+        if self.device.type == "cuda" and world.distributed:
+            self.device = torch.device("cuda", world.local_rank)
         self.train_shards = TokenShards(shard_dir, "train")
         self.val_shards = TokenShards(shard_dir, "val")
-        self.sampler = BatchSampler(self.train_shards, t.batch_size, t.seq_len, t.seed)
+        self.sampler = BatchSampler(self.train_shards, t.batch_size // world.world_size, t.seq_len, t.seed,
+                                    world.rank, world.world_size)
         eval_batches(self.val_shards, t.batch_size, t.seq_len)  # checks the split is long enough
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, seed=t.seed).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.parallel = DistributedDataParallel(self.model) if world.distributed else self.model
+        self.forward = torch.compile(self.parallel) if t.compile else self.parallel
         self.diverge_loss = t.diverge_loss or 3 * math.log(cfg.model.vocab_size)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
         self.step = 0
-        self.writer = _tensorboard(run.path / "tb")
-        self.recorder = LayerRecorder(self.model, run.layers_path, t.record_every, t.max_steps)
+        self.writer = _tensorboard(run.path / "tb") if world.is_main else None
+        every = t.record_every if world.is_main else 0
+        self.recorder = LayerRecorder(self.model, run.layers_path, every, t.max_steps)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -206,7 +255,8 @@ class Trainer:
         return state
 
     def _restore(self) -> None:
-        loaded = load_latest(self.run.checkpoints, self.model)
+        # rank 0 first: it moves corrupt checkpoints aside before the others look
+        loaded = _main_first(self.world, lambda: load_latest(self.run.checkpoints, self.model))
         if loaded is None:
             return
         _, state = loaded
@@ -218,33 +268,40 @@ class Trainer:
         self.step = int(state["step"])
 
     def _save(self) -> None:
-        save_checkpoint(self.run.checkpoints, self.step, self.model, self._state(), self.cfg.train.keep_last)
+        if self.world.is_main:
+            save_checkpoint(self.run.checkpoints, self.step, self.model, self._state(), self.cfg.train.keep_last)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
         t = self.cfg.train
+        main = self.world.is_main
         self._restore()
-        self.run.truncate_logs(self.step)
+        if main:
+            self.run.truncate_logs(self.step)
         if self.step >= t.max_steps:
-            self.run.write_status("finished", step=self.step)
+            if main:
+                self.run.write_status("finished", step=self.step)
             return TrainResult("finished", self.step)
-        self.run.write_status("running", step=self.step, max_steps=t.max_steps)
+        if main:
+            self.run.write_status("running", step=self.step, max_steps=t.max_steps,
+                                  processes=self.world.world_size)
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and sys.stderr.isatty()), desc=self.run.path.name)
         try:
             with _StopRequest() as stop:
                 result = self._loop(bar, stop)
         except Exception as err:
-            self.run.write_status("failed", step=self.step, reason=f"{type(err).__name__}: {err}")
+            if main:
+                self.run.write_status("failed", step=self.step, reason=f"{type(err).__name__}: {err}")
             raise
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
-        info = {"step": result.step}
-        if result.reason:
-            info["reason"] = result.reason
-        self.run.write_status(result.status, **info)
+        if main:
+            self.run.write_status(result.status, step=result.step,
+                                  **({"reason": result.reason} if result.reason else {}))
+        distributed.barrier(self.world)
         return result
 
     def _loop(self, bar: tqdm, stop: _StopRequest) -> TrainResult:
@@ -270,9 +327,9 @@ class Trainer:
             last = self.step == t.max_steps
             record: dict[str, Any] = {}
             if self.step % t.eval_every == 0 or last:
-                val = evaluate(self.model, self.val_shards, self.cfg, self.device)
+                val = evaluate(self.model, self.val_shards, self.cfg, self.device, self.world)
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-            if record or self.step % t.log_every == 0 or last:
+            if self.world.is_main and (record or self.step % t.log_every == 0 or last):
                 elapsed = time.perf_counter() - window_start
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
                           "lr": lr, "grad_norm": grad_norm,
@@ -280,9 +337,10 @@ class Trainer:
                 self._log(record, bar)
                 window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
-            if self.step % t.save_every == 0 or last or stop.requested:
+            stopping = distributed.any_rank(self.world, stop.requested)
+            if self.step % t.save_every == 0 or last or stopping:
                 self._save()
-            if stop.requested and not last:
+            if stopping and not last:
                 return TrainResult("interrupted", self.step, "stopped by a signal; resume with --resume")
         return TrainResult("finished", self.step)
 
@@ -293,11 +351,14 @@ class Trainer:
         total = 0.0
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step * t.grad_accum + micro)
-            with _autocast(self.cfg, self.device), (probe if record and micro == 0 else contextlib.nullcontext()):
+            sync = micro == t.grad_accum - 1 or not self.world.distributed  # DDP: all-reduce once
+            with (_autocast(self.cfg, self.device), (probe if record and micro == 0 else contextlib.nullcontext()),
+                  contextlib.nullcontext() if sync else self.parallel.no_sync()):
                 logits = self.forward(x.to(self.device))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
-            (loss / t.grad_accum).backward()
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+                (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
+        total = distributed.all_reduce_sum(self.world, [total])[0] / self.world.world_size
         if record:
             self.recorder.write(self.step + 1, probe)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
