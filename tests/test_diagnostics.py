@@ -166,16 +166,17 @@ def test_diagnose_bad_input_exit_2(trained_runs, tmp_path):
 
 def test_stability_marks_absurd_lr_as_diverged(tmp_path):
     raw = RunConfig.load(None, [*TINY, "train.max_steps=8", "train.warmup_steps=0", "train.grad_clip=0"])
-    path = stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], tmp_path, progress=False)
-    result = json.loads((tmp_path / "stability.json").read_text())
+    out = tmp_path / "new-dir"
+    path = stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], out, progress=False, jobs=2)
+    result = json.loads((out / "stability.json").read_text())
     for strategy in ("pre_norm", "post_norm"):
         assert result["grid"][strategy]["2|0.003"]["diverged"] == 0
         assert result["grid"][strategy]["2|0.003"]["val_loss"] is not None
         assert result["grid"][strategy]["2|30"]["diverged"] == 1
     assert path.read_bytes()[:4] == b"\x89PNG"
-    table = (tmp_path / "stability.md").read_text()
+    table = (out / "stability.md").read_text()
     assert "| 2 | " in table and "✕1" in table
-    # resumable: a second call trains nothing
-    stamp = (tmp_path / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns
-    stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], tmp_path, progress=False)
-    assert (tmp_path / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    # resumable: a second call (in-process this time) trains nothing
+    stamp = (out / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns
+    stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], out, progress=False)
+    assert (out / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp

@@ -46,6 +46,7 @@ def run_sweep(raw: dict[str, Any], runs: list[SweepRun], out: Path, progress: bo
     with cpu_count // jobs threads. A NormlabError (bad config or data, a run directory that
     holds another config) stops the sweep: it would hit every run alike. Any other error fails
     only that run."""
+    out.mkdir(parents=True, exist_ok=True)
     statuses: dict[str, str] = {}
     width = len(str(len(runs)))
     todo = []
