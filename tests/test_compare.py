@@ -16,7 +16,7 @@ from normlab.compare import compare, parse_variants
 from normlab.compare.report import verdict
 from normlab.compare.stats import mean_std, paired_difference
 from normlab.config import RunConfig
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, NormlabError
 from normlab.train.rundir import RunDir
 
 TINY = [
@@ -182,3 +182,24 @@ def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
     assert not_white > 0.05, f"screenshot is nearly blank ({not_white:.1%} non-white pixels)"
     colourful = (pixels.max(-1) - pixels.min(-1) > 0.25).mean()
     assert colourful > 0.002, "no coloured pixels: the plots did not render"
+
+
+def test_rerun_with_another_config_is_refused(sweep, tmp_path):
+    out, _, _ = sweep
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    with pytest.raises(NormlabError, match=r"was trained with another config \(model.n_layers 2 -> 3"):
+        compare(RunConfig.load(None, [*TINY, "model.n_layers=3"]), parse_variants(VARIANTS), [0, 1], copy,
+                progress=False)
+
+
+def test_diverged_strategies_rank_last():
+    from normlab.compare.report import headline, rank
+
+    entries = {"a": {"diverged": 1, "n_runs": 2, "val_loss": {"mean": 1.0, "std": None, "n": 1}, "verdict": "v"},
+               "b": {"diverged": 0, "n_runs": 2, "val_loss": {"mean": 2.0, "std": 0.1, "n": 2}, "verdict": "v"},
+               "c": {"diverged": 0, "n_runs": 2, "val_loss": {"mean": 1.5, "std": 0.1, "n": 2}, "verdict": "v"},
+               "d": {"diverged": 2, "n_runs": 2, "val_loss": {"mean": None, "std": None, "n": 0}, "verdict": "v"}}
+    ranking = rank(entries)
+    assert ranking == ["c", "b", "a"]  # a has the lowest loss but diverged once; d never finished
+    assert headline(entries, ranking, "b").startswith("Lowest validation loss: c")

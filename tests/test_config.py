@@ -125,3 +125,59 @@ def test_cli_model_prints_plan():
     assert result.returncode == 0, result.stderr
     assert "#   layers 0-1: post\n#   layers 2-7: pre" in result.stdout
     assert ModelConfig.from_dict(yaml.safe_load(result.stdout)).n_layers == 8
+
+
+def test_yaml_reads_scientific_notation_and_empty_sections(tmp_path):
+    from normlab.config import RunConfig
+
+    (tmp_path / "run.yaml").write_text("model:\ndata:\ntrain:\n  lr: 3e-4\n  min_lr_ratio: 1E-1\n")
+    raw = RunConfig.load(tmp_path / "run.yaml", ["model.n_layers=3"])
+    cfg = RunConfig.from_dict(raw, vocab_size=50)
+    assert cfg.train.lr == 3e-4 and cfg.train.min_lr_ratio == 0.1 and cfg.model.n_layers == 3
+    (tmp_path / "bad.yaml").write_text("model: [1, 2]\n")
+    with pytest.raises(ConfigError, match="override 'model.n_layers=3': model is not a mapping"):
+        RunConfig.load(tmp_path / "bad.yaml", ["model.n_layers=3"])
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        RunConfig.from_dict(RunConfig.load(tmp_path / "bad.yaml"))
+
+
+def test_layer_overrides_from_yaml_and_command_line_merge():
+    cfg = ModelConfig.from_dict({**SIZES, "placement": "hybrid",
+                                 "layer_overrides": {0: {"placement": "pre"}, "0": {"qk_norm": "qk"}}})
+    assert cfg.layer_overrides == {0: {"placement": "pre", "qk_norm": "qk"}}
+    assert layer_plans(cfg)[0].placement == "pre" and layer_plans(cfg)[0].qk_norm == "qk"
+    with pytest.raises(ConfigError, match="layer 0 is given placement='pre' and placement='post'"):
+        ModelConfig(**SIZES, layer_overrides={0: {"placement": "pre"}, -4: {"placement": "post"}})
+    for key in (1.7, True):
+        with pytest.raises(ConfigError, match="is not an integer"):
+            ModelConfig(**SIZES, layer_overrides={key: {"placement": "pre"}})
+
+
+def test_placement_override_drops_the_schedules_scalars():
+    cfg = ModelConfig.from_strategy("deepnorm", **SIZES, layer_overrides={0: {"placement": "pre"}})
+    plans = layer_plans(cfg)
+    assert plans[0].residual_scale == 1.0 and plans[1].residual_scale == pytest.approx(8 ** 0.25)
+    explicit = ModelConfig.from_strategy("lns", **SIZES, layer_overrides={3: {"placement": "post", "branch_scale": 0.5}})
+    assert layer_plans(explicit)[3].branch_scale == 0.5
+
+
+def test_bhyt_with_scaled_layers_names_the_scale():
+    with pytest.raises(ConfigError, match="layer 1 has residual scale 1 and branch scale 0.7071"):
+        ModelConfig.from_strategy("bhyt", **SIZES, placement="lns")
+
+
+def test_post_norm_strategies_have_no_separate_final_norm():
+    from normlab import build_model
+
+    for name in ("post_norm", "deepnorm"):
+        cfg = ModelConfig.from_strategy(name, **SIZES)
+        assert cfg.final_norm == "none"
+        assert "model.norm.weight" not in build_model(cfg).state_dict()
+    assert ModelConfig.from_strategy("mixln", **SIZES).final_norm == "rmsnorm"  # last layers are Pre-Norm
+
+
+def test_cli_lists_must_hold_the_right_type():
+    result = run_cli("compare", "--out", "/tmp/never", "--seeds", "1.5")
+    assert result.returncode == 2 and "--seeds: '1.5' is not a comma-separated list of ints" in result.stderr
+    result = run_cli("stability", "--out", "/tmp/never", "--depths", "2.5")
+    assert result.returncode == 2 and "--depths" in result.stderr

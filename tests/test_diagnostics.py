@@ -172,7 +172,7 @@ def test_stability_marks_absurd_lr_as_diverged(tmp_path):
     for strategy in ("pre_norm", "post_norm"):
         assert result["grid"][strategy]["2|0.003"]["diverged"] == 0
         assert result["grid"][strategy]["2|0.003"]["val_loss"] is not None
-        assert result["grid"][strategy]["2|30"]["diverged"] == 1
+        assert result["grid"][strategy]["2|30.0"]["diverged"] == 1
     assert path.read_bytes()[:4] == b"\x89PNG"
     table = (out / "stability.md").read_text()
     assert "| 2 | " in table and "✕1" in table

@@ -103,6 +103,7 @@ def test_dyt_alpha_width_rule_and_sites():
     assert dyt_alpha_rule(1024) == (1.0, 1.0)
     assert dyt_alpha_rule(2048) == (1.0, 0.5)
     assert dyt_alpha_rule(4096) == (0.8, 0.2)
+    assert dyt_alpha_rule(5120) == (0.6, 0.15)
     assert dyt_alpha_rule(8192) == (0.2, 0.05)
     cfg = ModelConfig(vocab_size=8, d_model=2048, n_heads=16, n_layers=1, norm="dyt")
     assert (cfg.dyt_alpha_attn, cfg.dyt_alpha_other) == (1.0, 0.5)

@@ -94,12 +94,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _parse_list(text: str, kind: type, option: str) -> list:
+    """'0,1,2' -> [0, 1, 2]; every item must be of ``kind`` (an int is a float too, 1.5 no int)."""
     from normlab.config import ConfigError, parse_value
 
-    try:
-        return [kind(parse_value(item.strip())) for item in text.split(",") if item.strip()]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{option}: '{text}' is not a comma-separated list of {kind.__name__}s") from None
+    values = [parse_value(item.strip()) for item in text.split(",") if item.strip()]
+    allowed = (int, float) if kind is float else (kind,)
+    if not values or any(isinstance(v, bool) or not isinstance(v, allowed) for v in values):
+        raise ConfigError(f"{option}: '{text}' is not a comma-separated list of {kind.__name__}s")
+    return [kind(v) for v in values]
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
@@ -133,6 +135,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in ("d_model", "layers", "heads", "seq_len", "batch", "vocab", "rounds"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer")
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device: '{args.device}' requested but no CUDA device is available")
     strategies = _parse_list(args.strategies, str, "--strategies") if args.strategies else None
     run_bench(args.d_model, args.layers, args.heads, args.seq_len, args.batch, args.vocab, args.rounds,
               args.device, strategies, args.out)

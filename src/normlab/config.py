@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,23 @@ from typing import Any
 import yaml
 
 from normlab.errors import ConfigError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1) that also reads ``3e-4`` (no dot) as a float, as YAML 1.2
+    and every researcher does."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
 
 NORM_TYPES = ("rmsnorm", "layernorm", "dyt", "bhyt", "bhyt_star", "none")
 PLACEMENTS = ("pre", "post", "peri", "output", "deepnorm", "mixln", "hybrid", "hybrid_star", "lns")
@@ -48,13 +66,15 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def dyt_alpha_rule(d_model: int) -> tuple[float, float]:
-    """DyT's width rule for alpha0 (attention site, other sites), DyT paper Table 11."""
+    """DyT's width rule for alpha0 (attention site, other sites), DyT paper Tables 10-11."""
     if d_model <= 1024:
         return 1.0, 1.0
     if d_model <= 2048:
         return 1.0, 0.5
     if d_model <= 4096:
         return 0.8, 0.2
+    if d_model <= 5120:
+        return 0.6, 0.15  # LLaMA 13B, DyT paper Table 10
     return 0.2, 0.05
 
 
@@ -199,7 +219,8 @@ class ModelConfig:
         check_choice("final_norm", self.final_norm, ("rmsnorm", "layernorm", "dyt", "none"))
         check_choice("init", self.init, INIT_SCHEMES)
 
-        if not isinstance(self.mixln_alpha, (int, float)) or not 0.0 <= self.mixln_alpha <= 1.0:
+        _check_float("mixln_alpha", self.mixln_alpha)
+        if not 0.0 <= self.mixln_alpha <= 1.0:
             raise ConfigError(f"mixln_alpha: {self.mixln_alpha} is outside [0, 1]")
         if self.init_std is None:
             self.init_std = 1.0 / math.sqrt(2.5 * self.d_model)
@@ -234,10 +255,9 @@ class ModelConfig:
             raise ConfigError("layer_overrides: expected a mapping {layer index: {field: value}}")
         out: dict[int, dict[str, Any]] = {}
         for key, spec in self.layer_overrides.items():
-            try:
-                index = int(key)
-            except (TypeError, ValueError):
-                raise ConfigError(f"layer_overrides: layer index '{key}' is not an integer") from None
+            if isinstance(key, bool) or not (isinstance(key, int) or re.fullmatch(r"-?[0-9]+", str(key))):
+                raise ConfigError(f"layer_overrides: layer index '{key}' is not an integer")
+            index = int(key)
             if not -self.n_layers <= index < self.n_layers:
                 raise ConfigError(
                     f"layer_overrides: layer {index} is out of range for n_layers={self.n_layers}"
@@ -257,7 +277,12 @@ class ModelConfig:
                     check_choice(where, value, QK_NORMS)
                 else:
                     _check_float(where, value)
-            out[index % self.n_layers] = dict(spec)
+            merged = out.setdefault(index % self.n_layers, {})
+            for name, value in spec.items():  # e.g. {0: ...} from YAML and '0' from the command line
+                if name in merged and merged[name] != value:
+                    raise ConfigError(f"layer_overrides: layer {index % self.n_layers} is given "
+                                      f"{name}={merged[name]!r} and {name}={value!r}")
+                merged[name] = value
         return dict(sorted(out.items()))
 
 
@@ -295,7 +320,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"config file '{path}': {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -310,20 +335,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """A command-line value as YAML: ``4`` -> 4, ``1e-3`` -> 0.001, ``true`` -> True, ``a,b`` -> 'a,b'."""
     try:
-        value = yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and _looks_like_float(value):
-        return float(value)
-    return value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def apply_overrides(
@@ -341,11 +355,13 @@ def apply_overrides(
                 f"override '{item}': unknown section '{parts[0]}'{did_you_mean(parts[0], sections)}; "
                 f"sections: {', '.join(sections)}"
             )
-        node = data.setdefault(parts[0], {})
-        for part in parts[1:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or an empty YAML section
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise ConfigError(f"override '{item}': {'.'.join(parts[:depth + 1])} is not a mapping")
+            node = node[part]
         node[parts[-1]] = parse_value(text)
     return data
 
@@ -374,6 +390,8 @@ class DataConfig:
             size = self.tokenizer[4:]
             if not size.isdigit() or int(size) < 260:
                 raise ConfigError(f"data.tokenizer: '{self.tokenizer}' needs a vocabulary size >= 260, e.g. bpe:4096")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ConfigError(f"data.cache_dir: expected a directory path, got {self.cache_dir!r}")
         _check_float("data.val_fraction", self.val_fraction)
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction: {self.val_fraction} is outside (0, 0.5)")
@@ -463,7 +481,10 @@ class RunConfig:
                 raise ConfigError(f"{name}: expected a mapping")
             check_fields(values, name, section_cls)
             sections[name] = section_cls(**values)
-        model = dict(data.get("model") or {})
+        model = data.get("model") or {}
+        if not isinstance(model, dict):
+            raise ConfigError("model: expected a mapping")
+        model = dict(model)
         if vocab_size is not None and "vocab_size" not in model:
             model["vocab_size"] = vocab_size
         sections["model"] = ModelConfig.from_dict(model)

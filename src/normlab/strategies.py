@@ -38,7 +38,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy(
             "post_norm",
             "Y = N(X + Attn(X));  X' = N(Y + FFN(Y))",
-            {"placement": "post", "norm": "rmsnorm", "init": "normal"},
+            {"placement": "post", "norm": "rmsnorm", "final_norm": "none", "init": "normal"},
             "original Transformer",
         ),
         Strategy(
@@ -63,7 +63,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy(
             "deepnorm",
             "Y = N(a X + Attn(X));  X' = N(a Y + FFN(Y)),  a = (2L)^(1/4), init gain b = (8L)^(-1/4)",
-            {"placement": "deepnorm", "norm": "rmsnorm", "init": "deepnorm"},
+            {"placement": "deepnorm", "norm": "rmsnorm", "final_norm": "none", "init": "deepnorm"},
             "DeepNet (Wang et al. 2022)",
         ),
         Strategy(
@@ -178,7 +178,8 @@ def layer_plans(cfg: ModelConfig) -> list[LayerPlan]:
     for layer in range(cfg.n_layers):
         placement, scalars = _base_layer(cfg, layer)
         override = cfg.layer_overrides.get(layer, {})
-        placement = override.get("placement", placement)
+        if "placement" in override:  # the schedule's scalars belong to the schedule's placement
+            placement, scalars = override["placement"], {}
         scalars.update({k: float(v) for k, v in override.items() if k.endswith("_scale")})
         plan = LayerPlan(
             placement=placement,
@@ -193,10 +194,16 @@ def layer_plans(cfg: ModelConfig) -> list[LayerPlan]:
 
 def _check_plan(cfg: ModelConfig, layer: int, plan: LayerPlan) -> None:
     if cfg.norm == "bhyt":
-        if plan.placement != "pre" or plan.residual_scale != 1.0 or plan.branch_scale != 1.0:
+        if plan.placement != "pre":
             raise ConfigError(
                 f"norm: 'bhyt' shares its statistic between the two Pre-Norm sites, but layer "
                 f"{layer} is '{plan.placement}'; use placement 'pre' or norm 'bhyt_star'"
+            )
+        if plan.residual_scale != 1.0 or plan.branch_scale != 1.0:
+            raise ConfigError(
+                f"norm: 'bhyt' approximates the FFN-site statistic for unscaled Pre-Norm blocks, but "
+                f"layer {layer} has residual scale {plan.residual_scale:.4g} and branch scale "
+                f"{plan.branch_scale:.4g}; use norm 'bhyt_star'"
             )
         if plan.qk_norm == "qkv":
             raise ConfigError(

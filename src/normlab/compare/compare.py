@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.report import write_report
-from normlab.compare.sweep import SweepRun, run_sweep
+from normlab.compare.sweep import SweepRun, check_existing, run_sweep
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
 from normlab.errors import ConfigError
 from normlab.nn.model import build_model
@@ -112,6 +112,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(spec, indent=1) + "\n")
+    check_existing(raw, runs, out, tokenizer.vocab_size)
     statuses = run_sweep(raw, runs, out, progress, jobs)
     return write_report(out, spec), statuses
 

@@ -70,8 +70,7 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
             if pairs:
                 entry["delta_val_loss"] = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
         entry["verdict"] = verdict(label, entry, baseline)
-    ranking = sorted((label for label in entries if entries[label]["val_loss"]["n"]),
-                     key=lambda label: entries[label]["val_loss"]["mean"])
+    ranking = rank(entries)
     return {
         "baseline": baseline,
         "setup": spec["setup"],
@@ -82,6 +81,13 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
         "ranking": ranking,
         "headline": headline(entries, ranking, baseline),
     }
+
+
+def rank(entries: dict[str, dict[str, Any]]) -> list[str]:
+    """Strategies with a finished run by mean validation loss; those that diverged in some seed
+    come after those that never did."""
+    return sorted((label for label, e in entries.items() if e["val_loss"]["n"]),
+                  key=lambda label: (entries[label]["diverged"] > 0, entries[label]["val_loss"]["mean"]))
 
 
 def verdict(label: str, entry: dict[str, Any], baseline: str) -> str:
@@ -112,7 +118,7 @@ def headline(entries: dict[str, Any], ranking: list[str], baseline: str) -> str:
     if not ranking:
         return "No strategy finished a run."
     best = ranking[0]
-    text = f"Lowest validation loss: {best} ({_pm(entries[best]['val_loss'])})"
+    text = f"Lowest validation loss{'' if not entries[best]['diverged'] else ' (every strategy diverged at least once)'}: {best} ({_pm(entries[best]['val_loss'])})"
     if best != baseline:
         text += f"; vs {baseline}: {entries[best]['verdict']}"
     unstable = [label for label, e in entries.items() if e["diverged"]]

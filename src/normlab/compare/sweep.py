@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from normlab.config import SECTIONS, apply_overrides
-from normlab.errors import NormlabError
+from normlab.errors import CheckpointError, NormlabError
 from normlab.train.checkpoint import atomic_write_text
 from normlab.train.rundir import RunDir
-from normlab.train.trainer import EXIT_DIVERGED, train
+from normlab.train.trainer import EXIT_DIVERGED, config_changes, resolve_config, train
 
 DONE = ("finished", "diverged")
 
@@ -36,6 +36,21 @@ class SweepRun:
 
 def run_dir(out: Path, run: SweepRun) -> RunDir:
     return RunDir(out / "runs" / run.name)
+
+
+def check_existing(raw: dict[str, Any], runs: list[SweepRun], out: Path, vocab_size: int) -> None:
+    """Refuse to reuse a run directory trained with another config (e.g. the sweep was re-run
+    into the same --out with different overrides): the report would describe the wrong runs."""
+    for run in runs:
+        directory = run_dir(out, run)
+        if directory.exists():
+            expected = resolve_config(apply_overrides(raw, run.overrides, SECTIONS), vocab_size).to_dict()
+            changes = config_changes(directory.read_config(), expected)
+            if changes:
+                raise CheckpointError(
+                    f"'{directory.path}' was trained with another config ({'; '.join(changes[:3])}); "
+                    "use another --out or the original config"
+                )
 
 
 def run_sweep(raw: dict[str, Any], runs: list[SweepRun], out: Path, progress: bool = True,
@@ -89,10 +104,11 @@ def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Pa
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     user_errors: list[str] = []
+    interrupted: list[str] = []
 
     def work(item: tuple[str, SweepRun]) -> tuple[str, str]:
         head, run = item
-        if user_errors:
+        if user_errors or interrupted:
             return run.name, "skipped"
         directory = run_dir(out, run)
         _say(f"{head}: {'resuming' if directory.exists() else 'training'}", progress)
@@ -106,6 +122,8 @@ def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Pa
             user_errors.append(last)
             return run.name, "failed"
         status = {0: "finished", EXIT_DIVERGED: "diverged", 130: "interrupted"}.get(result.returncode, "failed")
+        if status == "interrupted":
+            interrupted.append(run.name)  # Ctrl-C: start no further runs
         detail = last.split(": ", 1)[-1] if status != "failed" else f"{last}; continuing"
         _say(f"{head}: {detail} in {time.perf_counter() - started:.0f} s", progress or status == "failed")
         return run.name, status

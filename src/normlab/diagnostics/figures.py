@@ -131,14 +131,14 @@ def stability_maps(grid: dict, strategies: list[str], depths: list[int], lrs: li
     cols = min(3, len(strategies))
     rows = math.ceil(len(strategies) / cols)
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, axes = plt.subplots(rows, cols, figsize=(1.2 + 1.1 * len(lrs) * cols, 0.9 + 0.55 * len(depths) * rows),
-                                 squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 + 1.2 * len(lrs) * cols, 1.4 + 0.6 * len(depths) * rows),
+                                 squeeze=False, layout="constrained")
         image = None
         for ax, strategy in zip(axes.flat, strategies, strict=False):
             values = np.full((len(depths), len(lrs)), np.nan)
             for i, depth in enumerate(depths):
                 for j, lr in enumerate(lrs):
-                    cell = grid[strategy][f"{depth}|{lr:g}"]
+                    cell = grid[strategy][f"{depth}|{lr!r}"]
                     if cell["val_loss"] is not None:
                         values[i, j] = cell["val_loss"]
                         ax.text(j, i, f"{cell['val_loss']:.2f}", ha="center", va="center", fontsize=7,

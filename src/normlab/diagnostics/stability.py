@@ -11,7 +11,7 @@ from typing import Any
 from normlab.compare.plots import save
 from normlab.compare.report import run_summary
 from normlab.compare.stats import mean_std
-from normlab.compare.sweep import SweepRun, run_dir, run_sweep
+from normlab.compare.sweep import SweepRun, check_existing, run_dir, run_sweep
 from normlab.config import RunConfig, check_choice
 from normlab.diagnostics.figures import stability_maps
 from normlab.errors import ConfigError
@@ -32,12 +32,15 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
             raise ConfigError(f"{label}: give one or more distinct values")
     if any(lr <= 0 for lr in lrs) or any(d <= 0 for d in depths):
         raise ConfigError("--lrs and --depths must be positive")
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
     checked = RunConfig.from_dict(raw, vocab_size=1)
-    load_data(checked.data, progress)  # tokenize once, before the workers start
+    _, tokenizer = load_data(checked.data, progress)  # tokenize once, before the workers start
 
-    runs = [SweepRun(f"{s}-L{d}-lr{lr:g}-s{seed}", {"strategy": s, "layers": d, "lr": f"{lr:g}", "seed": seed},
+    runs = [SweepRun(f"{s}-L{d}-lr{lr!r}-s{seed}", {"strategy": s, "layers": d, "lr": repr(lr), "seed": seed},
                      [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}", f"train.seed={seed}"])
             for s in strategies for d in depths for lr in lrs for seed in seeds]
+    check_existing(raw, runs, out, tokenizer.vocab_size)
     run_sweep(raw, runs, out, progress, jobs)
 
     grid: dict[str, dict[str, Any]] = {s: {} for s in strategies}
@@ -69,7 +72,7 @@ def markdown(result: dict[str, Any]) -> str:
         for depth in result["depths"]:
             cells = []
             for lr in lrs:
-                cell = result["grid"][strategy][f"{depth}|{lr:g}"]
+                cell = result["grid"][strategy][f"{depth}|{lr!r}"]
                 text = "—" if cell["val_loss"] is None else f"{cell['val_loss']:.3f}"
                 cells.append(text + (f" ✕{cell['diverged']}" if cell["diverged"] else ""))
             lines.append(f"| {depth} | " + " | ".join(cells) + " |")

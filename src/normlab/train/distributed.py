@@ -34,10 +34,15 @@ def setup() -> World:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return SINGLE
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            # NCCL for the model's CUDA tensors, gloo for the small CPU reductions below
+            dist.init_process_group("cuda:nccl,cpu:gloo")
+        else:
+            dist.init_process_group("gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def teardown(world: World) -> None:
@@ -54,9 +59,7 @@ def all_reduce_sum(world: World, values: list[float]) -> list[float]:
     """Element-wise sum over ranks of a few floats (float64 on CPU)."""
     if not world.distributed:
         return values
-    on_gpu = dist.get_backend() == "nccl"
-    tensor = torch.tensor(values, dtype=torch.float64,
-                          device=torch.device("cuda", world.local_rank) if on_gpu else None)
+    tensor = torch.tensor(values, dtype=torch.float64)  # CPU: gloo
     dist.all_reduce(tensor)
     return tensor.tolist()
 

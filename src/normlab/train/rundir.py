@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from normlab.config import yaml_load
 from normlab.errors import CheckpointError
 from normlab.train.checkpoint import atomic_write_text
 
@@ -44,7 +45,7 @@ class RunDir:
 
     # ---------------------------------------------------------------- config and status
     def read_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_path.read_text())
+        return yaml_load(self.config_path.read_text())
 
     def write_config(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))

@@ -31,7 +31,7 @@ from normlab.train import distributed
 from normlab.train.callbacks import LayerRecorder, ResidualProbe
 from normlab.train.checkpoint import load_latest, save_checkpoint
 from normlab.train.distributed import World
-from normlab.train.optim import build_optimizer, build_scheduler
+from normlab.train.optim import build_optimizer, build_scheduler, lr_factor
 from normlab.train.rundir import RunDir
 
 EXIT_DIVERGED = 3
@@ -83,6 +83,11 @@ def resolve_config(raw: dict[str, Any], vocab_size: int) -> RunConfig:
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({vocab_size}); leave it out to use the tokenizer's size"
         )
+    device = cfg.train.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{device}' requested but no CUDA device is available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device: 'mps' requested but it is not available")
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"train.seq_len: {cfg.train.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}"
@@ -169,7 +174,8 @@ def train(raw: dict[str, Any], out: str | Path, resume: bool = False, progress: 
 
 
 def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world: World) -> TrainResult:
-    exists = run.exists()  # every rank checks before rank 0 writes anything
+    distributed.barrier(world)  # every rank looks at the directory before rank 0 writes to it
+    exists = run.exists()
     if exists and not resume:
         status = run.read_status()
         raise CheckpointError(
@@ -179,6 +185,7 @@ def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world
     if not exists and run.path.is_dir() and any(run.path.iterdir()):
         raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
     data_cfg = RunConfig.from_dict(raw, vocab_size=1).data  # every section checked before tokenizing
+    distributed.barrier(world)
     _main_first(world, run.create)
     shard_dir, tokenizer = _main_first(world, lambda: load_data(data_cfg, progress))
     cfg = resolve_config(raw, tokenizer.vocab_size)
@@ -193,26 +200,27 @@ def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world
                 f"cannot resume '{run.path}' with a changed config ({'; '.join(changes[:3])}); "
                 "use the original config or another --out"
             )
+    trainer = Trainer(cfg, run, shard_dir, progress, world)  # fails before config.yaml is written
     distributed.barrier(world)
     if world.is_main:
         run.write_config(resolved)
-    return Trainer(cfg, run, shard_dir, progress, world).fit()
+    return trainer.fit()
 
 
 def _main_first(world: World, fn):
     """Run ``fn`` on rank 0, then on the other ranks (which then find its results, e.g. the
     tokenized shards). A user error on rank 0 stops every rank."""
-    result, failed = None, False
+    result, error = None, None
     if world.is_main:
         try:
             result = fn()
-        except NormlabError:
-            failed = True
+        except NormlabError as err:
             if not world.distributed:
                 raise
-    if distributed.any_rank(world, failed):
-        if world.is_main:
-            raise
+            error = err
+    if distributed.any_rank(world, error is not None):
+        if error is not None:
+            raise error
         raise NormlabError("rank 0 stopped with an error (see its message)")
     return result if world.is_main else fn()
 
@@ -249,7 +257,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state()}
+                 "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "data_fingerprint": self.train_shards.meta["fingerprint"]}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -260,8 +269,19 @@ class Trainer:
         if loaded is None:
             return
         _, state = loaded
+        if state.get("data_fingerprint", self.train_shards.meta["fingerprint"]) != self.train_shards.meta["fingerprint"]:
+            raise CheckpointError(
+                f"cannot resume '{self.run.path}': the tokenized data differ from those it was trained "
+                "on (the corpus files or the tokenizer changed); use another --out"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The LR of the next step under the current schedule: the same value when nothing
+        # changed, the extended cosine when train.max_steps was raised on resume.
+        t = self.cfg.train
+        factor = lr_factor(int(state["step"]), t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -306,8 +326,9 @@ class Trainer:
 
     def _loop(self, bar: tqdm, stop: _StopRequest) -> TrainResult:
         t = self.cfg.train
-        window_start, window_tokens = time.perf_counter(), 0
+        window_time, window_tokens = 0.0, 0  # tokens/s counts training, not eval or checkpoints
         while self.step < t.max_steps:
+            started = time.perf_counter()
             loss, grad_norm = self._train_step()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > self.diverge_loss:
                 reason = (f"loss {loss:.4g} at step {self.step + 1}" if math.isfinite(grad_norm)
@@ -320,6 +341,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            window_time += time.perf_counter() - started
             window_tokens += self.tokens_per_step
             if self.step % self.cfg.model.bhyt_refresh_every == 0:
                 self.model.refresh_bhyt_constants()
@@ -330,12 +352,11 @@ class Trainer:
                 val = evaluate(self.model, self.val_shards, self.cfg, self.device, self.world)
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
             if self.world.is_main and (record or self.step % t.log_every == 0 or last):
-                elapsed = time.perf_counter() - window_start
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
                           "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **record}
+                          "tokens_per_s": window_tokens / max(window_time, 1e-9), **record}
                 self._log(record, bar)
-                window_start, window_tokens = time.perf_counter(), 0
+                window_time, window_tokens = 0.0, 0
             bar.update(1)
             stopping = distributed.any_rank(self.world, stop.requested)
             if self.step % t.save_every == 0 or last or stopping:
