@@ -181,3 +181,18 @@ def test_cli_lists_must_hold_the_right_type():
     assert result.returncode == 2 and "--seeds: '1.5' is not a comma-separated list of ints" in result.stderr
     result = run_cli("stability", "--out", "/tmp/never", "--depths", "2.5")
     assert result.returncode == 2 and "--depths" in result.stderr
+
+
+def test_shipped_config_and_demo_strategies_are_valid():
+    import re
+    from pathlib import Path
+
+    from normlab.compare import parse_variants
+    from normlab.config import RunConfig
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = RunConfig.from_dict(RunConfig.load(root / "configs" / "tiny.yaml"), vocab_size=257)
+    assert cfg.train.seq_len <= cfg.model.max_seq_len and cfg.model.strategy == "pre_norm"
+    makefile = (root / "Makefile").read_text()
+    strategies = re.search(r"^DEMO_STRATEGIES \?= (\S+)$", makefile, re.M).group(1)
+    assert len(parse_variants(strategies)) == 7

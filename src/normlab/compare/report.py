@@ -241,7 +241,7 @@ padding:0 1em;color:#1d2330;background:#fff}h1{margin-bottom:.2em}.headline{font
 background:#eef4ff;border-left:4px solid #3b6fd8;padding:.7em 1em;margin:1em 0}
 table{border-collapse:collapse;width:100%;font-size:.9em;margin:1em 0}th,td{border-bottom:1px solid #dde;
 padding:.4em .6em;text-align:right;white-space:nowrap}th:first-child,td:first-child,td:nth-child(2),th:nth-child(2){text-align:left}
-th{background:#f3f5f9}tr.best td{background:#eafaea;font-weight:600}.better{color:#17803d}.worse{color:#b3261e}
+th{background:#f3f5f9;white-space:normal;vertical-align:bottom}.scroll{overflow-x:auto}tr.best td{background:#eafaea;font-weight:600}.better{color:#17803d}.worse{color:#b3261e}
 ul{line-height:1.5}img{max-width:100%;border:1px solid #e4e7ee;border-radius:4px}figure{margin:1.5em 0}
 figcaption{color:#556;font-size:.9em;margin-bottom:.3em}.muted{color:#667;font-size:.9em}
 """
@@ -259,11 +259,12 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path]) -> str:
         if delta and delta["high"] is not None:
             cls = "better" if delta["high"] < 0 else "worse" if delta["low"] > 0 else ""
         parts.append(f"<li><b>{esc(label)}</b>: <span class='{cls}'>{esc(e['verdict'])}</span></li>")
-    parts.append("</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEADER) + "</tr>")
+    parts.append("</ul><h2>Results</h2><div class=scroll><table><tr>"
+                 + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEADER) + "</tr>")
     for i, row in enumerate(table_rows(summary)):
         parts.append(f"<tr class='{'best' if i == 0 and summary['ranking'] else ''}'>"
                      + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    parts.append("</table><h2>Setup</h2><ul class=muted>")
+    parts.append("</table></div><h2>Setup</h2><ul class=muted>")
     parts += [f"<li>{esc(line)}</li>" for line in _setup_lines(summary)]
     parts.append("</ul><h2>Plots</h2>")
     for caption, path in figures.items():
