@@ -151,6 +151,15 @@ def _add_config_args(p: argparse.ArgumentParser, sections: str = "SECTION") -> N
                    help="dotted overrides, e.g. model.n_layers=8 train.lr=1e-3")
 
 
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the sweeps (compare, stability)."""
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once in worker processes, each with cpu_count/jobs threads "
+                   "(default: %(default)s; 2 is ~1.5x faster for tiny models on 2 cores)")
+    p.add_argument("--out", required=True, help="output directory (runs/ and the report)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normlab",
@@ -200,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="pre_norm", help="strategy the others are measured against")
     p.add_argument("--same-init", metavar="SCHEME",
                    help="force one init scheme (normal, megatron, depth_scaled, deepnorm) for all")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once in worker processes, each with cpu_count/jobs threads "
-                   "(default: %(default)s; 2 is ~1.5x faster for tiny models on 2 cores)")
-    p.add_argument("--out", required=True, help="output directory (runs/ and the report)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_sweep_args(p)
     p.set_defaults(func=_cmd_compare)
 
     p = verbs.add_parser(
@@ -231,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="(default: %(default)s)")
     p.add_argument("--depths", default="4,8,16", help="(default: %(default)s)")
     p.add_argument("--seeds", default="0", help="(default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_sweep_args(p)
     p.set_defaults(func=_cmd_stability)
 
     p = verbs.add_parser(
