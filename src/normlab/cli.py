@@ -128,6 +128,46 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from normlab.config import ConfigError
+    from normlab.train.saved import load_run
+
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer")
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (
+            args.top_k is not None and args.top_k < 1):
+        raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    saved = load_run(args.run, args.checkpoint)
+    tokenizer = saved.tokenizer()
+    prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]  # an empty prompt starts a document
+    limit = saved.model.config.max_seq_len
+    if len(prompt) >= limit:
+        raise ConfigError(f"--prompt: {len(prompt)} tokens leave no room below max_seq_len={limit}")
+    new_tokens = min(args.max_new_tokens, limit - len(prompt))
+    if new_tokens < args.max_new_tokens:
+        print(f"normlab: note: generating {new_tokens} tokens, the room left below max_seq_len={limit}",
+              file=sys.stderr)
+    ids = torch.tensor([prompt])
+    for sample in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {sample + 1}", file=sys.stderr)
+        print(args.prompt, end="", flush=True)
+        new: list[int] = []
+        shown = 0
+        for token in saved.model.stream(ids, new_tokens, args.temperature, args.top_k, args.top_p,
+                                        tokenizer.eos_id, args.seed + sample):
+            new.append(int(token[0]))
+            text = tokenizer.decode(new)
+            end = len(text.rstrip("\ufffd"))  # hold back a character whose bytes are not all out yet
+            print(text[shown:end], end="", flush=True)
+            shown = max(shown, end)
+        print(tokenizer.decode(new)[shown:])
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from normlab.bench import run_bench
     from normlab.config import ConfigError
@@ -238,6 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="(default: %(default)s)")
     _add_sweep_args(p)
     p.set_defaults(func=_cmd_stability)
+
+    p = verbs.add_parser(
+        "generate", help="generate text from a trained run (KV cache; streams to the terminal)",
+        description="Continue --prompt with the run's model and tokenizer, printing tokens as they "
+        "come. Temperature 0 is greedy decoding; otherwise sampling with optional top-k and "
+        "nucleus (top-p) filtering, seeded.")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory (normlab train, compare or import-hf)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="(default: %(default)s)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass, e.g. 0.95 (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
+    p.set_defaults(func=_cmd_generate)
 
     p = verbs.add_parser(
         "bench", help="speed ratios measured side by side (normlab vs transformers, strategies, norms)",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from normlab.config import check_choice
 from normlab.errors import ConfigError
+from normlab.nn.plan import LayerPlan
 
 if TYPE_CHECKING:
     from normlab.config import ModelConfig
@@ -117,28 +118,6 @@ def strategy_fields(name: str) -> dict[str, Any]:
     """The config fields a named strategy sets."""
     check_choice("strategy", name, tuple(STRATEGIES))
     return dict(STRATEGIES[name].fields)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Which norm slots one block uses, and its two scalars.
-
-    Block maths (slots that are off are the identity, ``a`` = residual_scale, ``c`` = branch_scale)::
-
-        Y  = attn_residual_norm( a*X + attn_output_norm( Attn( c*input_norm(X) ) ) )
-        X' = ffn_residual_norm ( a*Y + ffn_output_norm ( FFN ( c*ffn_input_norm(Y) ) ) )
-    """
-
-    placement: str
-    input_norm: bool = False  # module input_layernorm
-    ffn_input_norm: bool = False  # module post_attention_layernorm (HF Llama name)
-    attn_output_norm: bool = False  # module attn_output_layernorm
-    ffn_output_norm: bool = False  # module post_feedforward_layernorm
-    attn_residual_norm: bool = False  # module attn_residual_norm
-    ffn_residual_norm: bool = False  # module ffn_residual_norm
-    qk_norm: str = "none"
-    residual_scale: float = 1.0
-    branch_scale: float = 1.0
 
 
 _LAYER_SLOTS: dict[str, dict[str, bool]] = {

@@ -1,6 +1,6 @@
 """The papers' diagnostics: gradient norm by layer, activation growth with depth, angular
 distance, layer drop, norm input/output curves, BHyT's statistic check, stability maps."""
 
-from normlab.diagnostics.diagnose import diagnose, load_run_model
+from normlab.diagnostics.diagnose import diagnose
 
-__all__ = ["diagnose", "load_run_model"]
+__all__ = ["diagnose"]

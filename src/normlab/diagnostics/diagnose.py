@@ -13,43 +13,19 @@ import torch
 from tqdm import tqdm
 
 from normlab.compare.plots import save
-from normlab.config import RunConfig
 from normlab.data import TokenShards, eval_batches, prepare_or_load
 from normlab.diagnostics import figures, measures
-from normlab.errors import CheckpointError
-from normlab.nn.model import NormLM, build_model
-from normlab.train.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint
-from normlab.train.rundir import RunDir
+from normlab.train.checkpoint import atomic_write_text
+from normlab.train.saved import load_run
 from normlab.train.trainer import cache_root, load_data
-
-
-def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[RunConfig, NormLM, int]:
-    """The run's config and its model at checkpoint ``step`` (default: the newest)."""
-    run = RunDir(run_dir)
-    if not run.exists():
-        raise CheckpointError(f"'{run.path}' holds no normlab run (no config.yaml)")
-    cfg = RunConfig.from_dict(run.read_config())
-    checkpoints = list_checkpoints(run.checkpoints)
-    if not checkpoints:
-        raise CheckpointError(f"'{run.path}' has no checkpoint yet")
-    if step is None:
-        ckpt = checkpoints[-1]
-    else:
-        matches = [c for c in checkpoints if c.step == step]
-        if not matches:
-            raise CheckpointError(
-                f"'{run.path}' has no checkpoint at step {step} (have {', '.join(str(c.step) for c in checkpoints)})")
-        ckpt = matches[0]
-    model = build_model(cfg.model)
-    load_checkpoint(ckpt, model)
-    return cfg, model.eval(), ckpt.step
 
 
 def diagnose(run_dir: str | Path, out: str | Path, data: str | None = None, step: int | None = None,
              batches: int = 4, progress: bool = True) -> dict[str, Any]:
     """Compute every diagnostic on ``batches`` validation batches and write the outputs."""
     out = Path(out)
-    cfg, model, step = load_run_model(run_dir, step)
+    saved = load_run(run_dir, step)
+    cfg, model, step = saved.config, saved.model, saved.step
     shard_dir, _ = load_data(cfg.data, progress)
     if data is not None:  # another corpus, tokenized with the run's own tokenizer
         shard_dir = prepare_or_load(data, shard_dir / "tokenizer", cache_root(cfg.data),

@@ -104,7 +104,7 @@ def gradient_norms(model: NormLM, batches: Batches) -> dict[str, list[float]]:
 class _SkipBlock(nn.Module):
     """A block replaced by the identity."""
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, mask=None):
         return x
 
 

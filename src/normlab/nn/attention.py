@@ -1,4 +1,4 @@
-"""Causal self-attention: RoPE, grouped-query attention, optional Q/K/V norms, SDPA."""
+"""Causal self-attention: RoPE, grouped-query attention, optional Q/K/V norms, SDPA, KV cache."""
 
 from __future__ import annotations
 
@@ -28,6 +28,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every layer, preallocated as (B, n_kv_heads, capacity, d_k).
+
+    ``update(k, v, layer)`` writes the new positions and returns all keys and values so far: the
+    interface of Hugging Face's ``Cache.update``, so attention works with either. Keys are
+    stored after the Q/K/V norms and RoPE, values after the V norm."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = [0] * n_layers
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        """Positions cached so far (before a forward: the number of past tokens)."""
+        return self.lengths[layer]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} requested")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def repeat_interleave(self, repeats: torch.Tensor, capacity: int) -> KVCache:
+        """A new cache whose row j copies row i, ``repeats[i]`` times (one context, many
+        continuations), with room for ``capacity`` positions."""
+        length = self.lengths[0]
+        out = KVCache(len(self.keys), int(repeats.sum()), self.keys[0].shape[1], self.keys[0].shape[3],
+                      capacity, self.keys[0].dtype, self.keys[0].device)
+        for layer in range(len(self.keys)):
+            out.keys[layer][:, :, :length] = self.keys[layer][:, :, :length].repeat_interleave(repeats, 0)
+            out.values[layer][:, :, :length] = self.values[layer][:, :, :length].repeat_interleave(repeats, 0)
+        out.lengths = [length] * len(self.keys)
+        return out
+
+
 class Attention(nn.Module):
     """softmax(N_q(Q) N_k(K)^T / sqrt(d_k)) N_v(V) W_O, causal, RoPE on q and k.
 
@@ -36,8 +80,9 @@ class Attention(nn.Module):
     width (``scope='full'``, OLMo 2).
     """
 
-    def __init__(self, cfg, qk_norm: str = "none") -> None:
+    def __init__(self, cfg, qk_norm: str = "none", layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.full_scope = cfg.qk_norm_scope == "full"
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -63,20 +108,28 @@ class Attention(nn.Module):
             x = norm(x)
         return x
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``cos``/``sin`` are the RoPE tables at the positions of ``x`` ((T, d_k), or
+        (B, 1, T, d_k) per row); ``cache`` (KVCache or an HF Cache) holds earlier positions;
+        ``mask`` (B, 1, T, T_keys) says which keys each query sees, None: causal."""
         q = self._heads(self.q_proj(x), self.q_norm, self.n_heads)
         k = self._heads(self.k_proj(x), self.k_norm, self.n_kv_heads)
         v = self._heads(self.v_proj(x), self.v_norm, self.n_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer)
+        # Without a mask: causal over the new tokens, or one new token that sees every cached key.
+        causal = mask is None and q.shape[2] > 1
         if self.n_kv_heads != self.n_heads:
             if _SDPA_HAS_GQA:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=True)
             else:
                 group = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def value_output_product(self) -> torch.Tensor:

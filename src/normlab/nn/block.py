@@ -8,7 +8,7 @@ from torch import nn
 from normlab.nn.attention import Attention
 from normlab.nn.mlp import SwiGLU
 from normlab.nn.norms import make_norm
-from normlab.strategies import LayerPlan
+from normlab.nn.plan import LayerPlan
 
 #: slot field of LayerPlan -> (module name, site for DyT alpha0 / BHyT lambda0)
 SLOTS: dict[str, tuple[str, str]] = {
@@ -44,7 +44,7 @@ class Block(nn.Module):
         self.plan = plan
         self.residual_scale = plan.residual_scale
         self.branch_scale = plan.branch_scale
-        self.self_attn = Attention(cfg, plan.qk_norm)
+        self.self_attn = Attention(cfg, plan.qk_norm, layer)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         for slot, (name, site) in SLOTS.items():
             on = getattr(plan, slot)
@@ -56,26 +56,30 @@ class Block(nn.Module):
             # Persistent so that a loaded model uses the constant it was trained with.
             self.register_buffer("c_attn", torch.zeros(()), persistent=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every norm acts on each token alone, so a KV cache (``cache``, ``mask``: see
+        ``Attention.forward``) gives the same outputs as the full sequence."""
         if self.shared_statistic:
-            return self._forward_shared_statistic(x, cos, sin)
+            return self._forward_shared_statistic(x, cos, sin, cache, mask)
         a, c = self.residual_scale, self.branch_scale
         h = _scaled(self.input_layernorm(x), c)
-        y = self.attn_residual_norm(_scaled(x, a) + self.attn_output_layernorm(self.self_attn(h, cos, sin)))
+        attn = self.self_attn(h, cos, sin, cache, mask)
+        y = self.attn_residual_norm(_scaled(x, a) + self.attn_output_layernorm(attn))
         h = _scaled(self.post_attention_layernorm(y), c)
         return self.ffn_residual_norm(_scaled(y, a) + self.post_feedforward_layernorm(self.mlp(h)))
 
-    def _forward_shared_statistic(self, x, cos, sin) -> torch.Tensor:
+    def _forward_shared_statistic(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
         """BHyT Pre-Norm block with one reduction: Y = X + Attn(B1(X; s2)), X' = Y + FFN(B2(Y; s2_hat))."""
-        y, s2_hat = self.bhyt_attention_half(x, cos, sin)
+        y, s2_hat = self.bhyt_attention_half(x, cos, sin, cache, mask)
         return y + self.mlp(self.post_attention_layernorm.apply(y, s2_hat))
 
-    def bhyt_attention_half(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def bhyt_attention_half(self, x, cos, sin, cache=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Y, s2_hat) of a BHyT block: Y = X + Attn(B1(X; s2)) with s2 = ms(X), and the FFN
         site's statistic s2_hat = s2 + c_attn * sg(lambda_attn)^2 / kappa^2 (approximates ms(Y))."""
         site1 = self.input_layernorm
         s2 = site1.mean_square(x)
-        y = x + self.self_attn(site1.apply(x, s2), cos, sin)
+        y = x + self.self_attn(site1.apply(x, s2), cos, sin, cache, mask)
         return y, s2 + self.c_attn * site1.lam.detach() ** 2 / self.kappa**2
 
     @torch.no_grad()

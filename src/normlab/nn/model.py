@@ -1,8 +1,10 @@
-"""The language model (Hugging Face Llama module names) and its init schemes."""
+"""The language model (Hugging Face Llama module names), generation with a KV cache, and the
+init schemes."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.config import ModelConfig
-from normlab.nn.attention import rope_tables
-from normlab.nn.block import Block
-from normlab.nn.norms import NORM_CLASSES, make_norm
+from normlab.nn.attention import KVCache
+from normlab.nn.backbone import Backbone
+from normlab.nn.norms import NORM_CLASSES
 from normlab.strategies import layer_plans
 
 
@@ -25,52 +27,6 @@ class CausalLMOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-class Backbone(nn.Module):
-    """Embedding, blocks, final norm: the ``model.`` prefix of a Llama state dict."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.embed_scale:
-            self.embed_scale = nn.Parameter(torch.tensor(math.sqrt(cfg.d_model)))
-        else:
-            self.embed_scale = None
-        plans = layer_plans(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i, plan) for i, plan in enumerate(plans))
-        self.norm = (
-            nn.Identity()
-            if cfg.final_norm == "none"
-            else make_norm(cfg.final_norm, cfg.d_model, eps=cfg.norm_eps, site="other", cfg=cfg)
-        )
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(
-        self, input_ids: torch.Tensor, output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Final hidden states; with ``output_hidden_states`` also the residual stream entering
-        each block plus the final normed output (the Hugging Face convention, L+1 entries)."""
-        seq_len = input_ids.shape[-1]
-        if seq_len > self.rope_cos.shape[0]:
-            raise ValueError(
-                f"input has {seq_len} tokens but max_seq_len is {self.rope_cos.shape[0]}"
-            )
-        x = self.embed_tokens(input_ids)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale.to(x.dtype)
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        hidden: list[torch.Tensor] = []
-        for block in self.layers:
-            if output_hidden_states:
-                hidden.append(x)
-            x = block(x, cos, sin)
-        x = self.norm(x)
-        if output_hidden_states:
-            hidden.append(x)
-        return x, tuple(hidden) if output_hidden_states else None
-
-
 class NormLM(nn.Module):
     """Decoder-only language model; ``forward(ids)`` gives logits (B, T, V),
     ``forward(ids, labels=ids)`` a :class:`CausalLMOutput` with the shifted next-token loss."""
@@ -78,7 +34,7 @@ class NormLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, layer_plans(cfg))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -88,10 +44,16 @@ class NormLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor | CausalLMOutput:
         """Labels follow the Hugging Face convention: ``labels[t]`` is the token at position t
-        (shifted inside), ``-100`` is ignored."""
-        x, hidden = self.model(input_ids, output_hidden_states)
+        (shifted inside), ``-100`` is ignored. ``cache``, ``position_ids`` and ``attention_mask``:
+        see ``Backbone.forward``."""
+        x, hidden = self.model(input_ids, output_hidden_states, position_ids=position_ids,
+                               attention_mask=attention_mask, cache=cache)
         logits = self.lm_head(x)
         if labels is None and not output_hidden_states:
             return logits
@@ -110,12 +72,77 @@ class NormLM(nn.Module):
             params.pop(id(self.lm_head.weight), None)
         return sum(p.numel() for p in params.values())
 
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` (default max_seq_len) tokens."""
+        cfg, weight = self.config, self.lm_head.weight
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, capacity or cfg.max_seq_len,
+                       weight.dtype, weight.device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """Prompt plus continuation, (B, T + n). ``temperature`` 0 is greedy decoding; otherwise
+        sample from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens
+        and to the smallest set whose probability reaches ``top_p``. A sequence that emits
+        ``eos_token_id`` is padded with it; all of them doing so stops early."""
+        new = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed))
+        return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
+
+    @torch.inference_mode()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+               seed: int | None = None) -> Iterator[torch.Tensor]:
+        """``generate`` one step at a time: yields the next token of every sequence, (B,).
+        The prompt is run once; each new token attends to the cached keys and values."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids: expected a (batch, length) tensor with at least one token")
+        batch, length = input_ids.shape
+        if length + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len ({self.config.max_seq_len})")
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(input_ids.device).manual_seed(0 if seed is None else seed)
+        cache = self.new_cache(batch, length + max_new_tokens)
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens = input_ids
+        for _ in range(max_new_tokens):
+            hidden, _ = self.model(tokens, cache=cache)
+            logits = self.lm_head(hidden[:, -1]).float()
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                tokens = tokens.masked_fill(finished, eos_token_id)
+                finished |= tokens == eos_token_id
+            yield tokens
+            if eos_token_id is not None and bool(finished.all()):
+                return
+            tokens = tokens[:, None]
+
     @torch.no_grad()
     def refresh_bhyt_constants(self) -> None:
         """Recompute every BHyT block's c_attn from the current weights (no-op otherwise)."""
         for block in self.model.layers:
             if block.shared_statistic:
                 block.refresh_c_attn(self.config.bhyt_context_len)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of ``logits`` (B, V): argmax at temperature 0, else a draw from the
+    top-k / top-p (nucleus) filtered softmax(logits / temperature)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> NormLM:

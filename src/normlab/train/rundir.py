@@ -1,4 +1,4 @@
-"""A run directory: ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``checkpoints/``.
+"""A run directory: ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``tokenizer/``, ``checkpoints/``.
 
 Reports and diagnostics read runs only through this module.
 """
@@ -29,6 +29,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.layers_path = self.path / "layers.jsonl"
         self.checkpoints = self.path / "checkpoints"
+        self.tokenizer_path = self.path / "tokenizer"
 
     def exists(self) -> bool:
         return self.config_path.is_file()

@@ -204,6 +204,7 @@ def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world
     distributed.barrier(world)
     if world.is_main:
         run.write_config(resolved)
+        tokenizer.save(run.tokenizer_path)  # evaluate, generate and export read it from the run
     return trainer.fit()
 
 
