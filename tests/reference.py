@@ -27,7 +27,7 @@ def norm(module, x):
         return module.weight * torch.tanh(module.alpha * x)
     if isinstance(module, BHyT):
         return bhyt(module, x, x.pow(2).mean(-1, keepdim=True))
-    if isinstance(module, torch.nn.Identity):
+    if module is None or isinstance(module, torch.nn.Identity):
         return x
     raise TypeError(type(module))
 

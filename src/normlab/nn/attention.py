@@ -14,18 +14,18 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 def rope_tables(
     head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_seq_len, head_dim) in the Hugging Face Llama (half-rotation) layout."""
+    """cos and signed sin tables (max_seq_len, head_dim) for ``apply_rope``, in the Hugging Face
+    Llama (half-rotation) layout: angle_{t,i} = t * theta^(-2(i mod d/2)/d); the sin table is
+    negated on the first half so that rotate_half(x) * sin = roll(x, d/2) * signed_sin."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat([freqs, freqs], dim=-1).cos().to(dtype), torch.cat([-freqs, freqs], dim=-1).sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a] on the last dim."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a] on the last dim, computed
+    as x * cos + roll(x, d/2) * signed_sin (three kernels instead of six)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin).to(x.dtype)
 
 
 class KVCache:

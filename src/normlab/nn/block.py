@@ -22,7 +22,7 @@ SLOTS: dict[str, tuple[str, str]] = {
 
 
 class Block(nn.Module):
-    """A decoder block with six norm slots; a slot that is off is the identity::
+    """A decoder block with six norm slots; a slot that is off is the identity (module None)::
 
         X ──┬──> input_layernorm ─> *c ─> self_attn ─> attn_output_layernorm ──┐
             └──> *a ─────────────────────────────────────────────────────────> (+) ─> attn_residual_norm ─> Y
@@ -46,10 +46,10 @@ class Block(nn.Module):
         self.branch_scale = plan.branch_scale
         self.self_attn = Attention(cfg, plan.qk_norm, layer)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
-        for slot, (name, site) in SLOTS.items():
+        for slot, (name, site) in SLOTS.items():  # a slot that is off is None (no module to call)
             on = getattr(plan, slot)
             setattr(self, name, make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, site=site, cfg=cfg)
-                    if on else nn.Identity())
+                    if on else None)
         self.shared_statistic = cfg.norm == "bhyt"
         if self.shared_statistic:
             self.kappa = cfg.bhyt_kappa
@@ -63,11 +63,11 @@ class Block(nn.Module):
         if self.shared_statistic:
             return self._forward_shared_statistic(x, cos, sin, cache, mask)
         a, c = self.residual_scale, self.branch_scale
-        h = _scaled(self.input_layernorm(x), c)
+        h = _scaled(_norm(self.input_layernorm, x), c)
         attn = self.self_attn(h, cos, sin, cache, mask)
-        y = self.attn_residual_norm(_scaled(x, a) + self.attn_output_layernorm(attn))
-        h = _scaled(self.post_attention_layernorm(y), c)
-        return self.ffn_residual_norm(_scaled(y, a) + self.post_feedforward_layernorm(self.mlp(h)))
+        y = _norm(self.attn_residual_norm, _scaled(x, a) + _norm(self.attn_output_layernorm, attn))
+        h = _scaled(_norm(self.post_attention_layernorm, y), c)
+        return _norm(self.ffn_residual_norm, _scaled(y, a) + _norm(self.post_feedforward_layernorm, self.mlp(h)))
 
     def _forward_shared_statistic(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
         """BHyT Pre-Norm block with one reduction: Y = X + Attn(B1(X; s2)), X' = Y + FFN(B2(Y; s2_hat))."""
@@ -87,6 +87,10 @@ class Block(nn.Module):
         """c_attn = ||W_V^exp W_O||_F^2 / (T d) from the current weights (BHyT only)."""
         product = self.self_attn.value_output_product().float()
         self.c_attn.fill_(product.pow(2).sum().item() / (context_len * product.shape[0]))
+
+
+def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
 
 
 def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
