@@ -7,6 +7,7 @@
 
 from normlab.config import ModelConfig
 from normlab.errors import CheckpointError, ConfigError, DataError, NormlabError
+from normlab.hf import from_hf
 from normlab.nn.model import CausalLMOutput, NormLM, build_model
 from normlab.strategies import STRATEGIES, layer_plans
 
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STRATEGIES", "CausalLMOutput", "CheckpointError", "ConfigError", "DataError", "ModelConfig",
-    "NormLM", "NormlabError", "build_model", "layer_plans",
+    "NormLM", "NormlabError", "build_model", "from_hf", "layer_plans",
 ]

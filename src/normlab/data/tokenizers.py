@@ -49,7 +49,12 @@ class Tokenizer(ABC):
     def fingerprint(self) -> str:
         """A string that changes whenever the id mapping changes (used to cache token shards)."""
 
-    def _write_meta(self, directory: str | os.PathLike[str], kind: str) -> Path:
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The same id mapping as a Hugging Face ``tokenizers`` object (what ``tokenizer.json``
+        holds), for export; the end-of-text token is a special token."""
+        raise DataError(f"tokenizer '{self.name}' has no Hugging Face tokenizer.json form")
+
+    def _write_meta(self, directory: str | os.PathLike[str], kind: str, **extra: Any) -> Path:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -57,6 +62,7 @@ class Tokenizer(ABC):
             "name": self.name,
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
+            **extra,
         }
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
@@ -80,16 +86,42 @@ class ByteTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return "byte"
 
+    def hf_tokenizer(self) -> HFTokenizer:
+        """A byte-level BPE without merges: byte b is GPT-2's printable symbol for b with id b;
+        ``<|endoftext|>`` is the special token 256."""
+        vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+        tokenizer = _byte_level(models.BPE(vocab, []))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.add_special_tokens([AddedToken(EOS, special=True)])
+        return tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte -> printable character table (the alphabet of the ByteLevel pre-tokenizer):
+    printable Latin-1 bytes stand for themselves, the others for chr(256), chr(257), ..."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)}
+    symbols, shifted = [], 256
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(shifted))
+            shifted += 1
+    return symbols
+
 
 class BPETokenizer(Tokenizer):
-    """A Hugging Face ``tokenizers`` byte-level BPE; ``<|endoftext|>`` is added when missing."""
+    """A Hugging Face ``tokenizers`` byte-level BPE; the end-of-text token ``eos_token``
+    (default ``<|endoftext|>``; an imported model's own, e.g. ``</s>``) is added when missing."""
 
-    def __init__(self, tokenizer: HFTokenizer, name: str = "bpe") -> None:
-        tokenizer.add_special_tokens([AddedToken(EOS, special=True)])  # reuses an existing id
+    def __init__(self, tokenizer: HFTokenizer, name: str = "bpe", eos_token: str = EOS) -> None:
+        tokenizer.add_special_tokens([AddedToken(eos_token, special=True)])  # reuses an existing id
         self._tokenizer = tokenizer
         self.name = name
+        self.eos_token = eos_token
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eos_id = tokenizer.token_to_id(EOS)
+        self.eos_id = tokenizer.token_to_id(eos_token)
 
     @classmethod
     def from_gpt2_files(
@@ -120,10 +152,14 @@ class BPETokenizer(Tokenizer):
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self._tokenizer.save(os.fspath(path / HF_FILE))
-        return self._write_meta(path, "bpe")  # last: the meta marks a complete save
+        extra = {} if self.eos_token == EOS else {"eos_token": self.eos_token}
+        return self._write_meta(path, "bpe", **extra)  # last: the meta marks a complete save
 
     def fingerprint(self) -> str:
         return "bpe:" + hashlib.sha256(self._tokenizer.to_str().encode()).hexdigest()
+
+    def hf_tokenizer(self) -> HFTokenizer:
+        return HFTokenizer.from_str(self._tokenizer.to_str())  # a copy
 
 
 def _byte_level(model: models.Model) -> HFTokenizer:
@@ -182,7 +218,7 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
             tokenizer = HFTokenizer.from_file(os.fspath(directory / HF_FILE))
         except Exception as err:
             raise DataError(f"tokenizer '{spec}': {HF_FILE} is unreadable: {err}") from None
-        return BPETokenizer(tokenizer, str(meta.get("name", "bpe")))
+        return BPETokenizer(tokenizer, str(meta.get("name", "bpe")), str(meta.get("eos_token", EOS)))
     if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         return BPETokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
     raise DataError(

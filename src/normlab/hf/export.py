@@ -1,0 +1,267 @@
+"""Export a normlab model to a Hugging Face directory that ``from_pretrained`` loads.
+
+OUT_DIR gets ``model.safetensors``, ``config.json``, ``generation_config.json``, ``tokenizer.json``
+and ``tokenizer_config.json``. Two formats:
+
+- ``stock``: a transformers class that computes exactly the same function, decided from the
+  resolved config and the per-layer plans: every layer plain Pre-Norm RMSNorm -> Llama; the same
+  with per-head RMSNorm QK-norm -> Qwen3; every layer OLMo-2 output norm with full-width RMSNorm
+  QK-norm -> OLMo-2 (all with RMSNorm final norm, scales 1, no embedding scale).
+- ``custom``: any strategy. ``modeling_normlab.py`` (written into OUT_DIR, loaded with
+  ``trust_remote_code=True``) is normlab's own model source plus a small transformers wrapper;
+  ``config.json`` holds every ModelConfig field and the per-layer plans.
+
+``auto`` picks stock when it is exact. The directory is written next to OUT_DIR and renamed into
+place; an existing OUT_DIR is replaced only when it is empty or a previous normlab export
+(``exported_by`` in its config.json).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from normlab.config import ModelConfig, check_choice
+from normlab.data import Tokenizer
+from normlab.errors import CheckpointError, ConfigError
+from normlab.nn.model import NormLM
+from normlab.strategies import describe_plan, layer_plans
+
+FORMATS = ("auto", "stock", "custom")
+WEIGHTS_FILE, CONFIG_FILE, MODELING_FILE = "model.safetensors", "config.json", "modeling_normlab.py"
+
+#: normlab modules whose source forms ``modeling_normlab.py``, in dependency order
+BUNDLED_MODULES = ("normlab.nn.plan", "normlab.nn.norms", "normlab.nn.attention", "normlab.nn.mlp",
+                   "normlab.nn.block", "normlab.nn.backbone", "normlab.hf.modeling_template")
+
+
+@dataclass(frozen=True)
+class StockFamily:
+    """A transformers architecture that computes exactly what the normlab ``strategy`` computes;
+    ``renames`` maps normlab module names to the family's."""
+
+    architecture: str
+    model_type: str
+    strategy: str
+    renames: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def hf_name(self, name: str) -> str:
+        """A normlab state-dict key as this family names it."""
+        return ".".join(self.renames.get(part, part) for part in name.split("."))
+
+    def normlab_name(self, name: str) -> str:
+        """A state-dict key of this family as normlab names it."""
+        back = {theirs: ours for ours, theirs in self.renames.items()}
+        return ".".join(back.get(part, part) for part in name.split("."))
+
+
+STOCK_FAMILIES = (
+    StockFamily("LlamaForCausalLM", "llama", "pre_norm"),
+    StockFamily("Qwen3ForCausalLM", "qwen3", "qk_norm"),
+    StockFamily("Olmo2ForCausalLM", "olmo2", "output_norm",
+                {"attn_output_layernorm": "post_attention_layernorm"}),
+)
+
+
+def stock_family(cfg: ModelConfig) -> tuple[StockFamily | None, str]:
+    """The stock family computing exactly ``cfg``'s function, or None and the reason why none does.
+
+    Exact means: RMSNorm slots and final norm, no embedding scale, and every layer's plan (slots,
+    QK-norm, scales 1) and QK-norm scope and type equal to the family's strategy preset."""
+    if cfg.norm != "rmsnorm" or cfg.final_norm != "rmsnorm":
+        return None, f"norm '{cfg.norm}' with final norm '{cfg.final_norm}' (stock classes use RMSNorm)"
+    if cfg.embed_scale:
+        return None, "the embedding output is scaled (stock classes do not scale it)"
+    plans = set(layer_plans(cfg))
+    for family in STOCK_FAMILIES:
+        preset = ModelConfig.from_strategy(family.strategy, n_layers=1)
+        (plan,) = layer_plans(preset)
+        same_qk = plan.qk_norm == "none" or (cfg.qk_norm_scope, cfg.qk_norm_type) == (
+            preset.qk_norm_scope, preset.qk_norm_type)
+        if plans == {plan} and same_qk:
+            return family, ""
+    plan = "; ".join(describe_plan(cfg).splitlines())
+    return None, (f"no stock class has the layer plan ({plan}; QK-norm scope {cfg.qk_norm_scope}, type "
+                  f"{cfg.qk_norm_type}); stock: Llama = pre, Qwen3 = pre + per-head QK-norm, "
+                  "OLMo-2 = output + full-width QK-norm")
+
+
+def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
+           format: str = "auto") -> str:
+    """Write ``model`` and ``tokenizer`` to ``out_dir`` as a Hugging Face model; returns the format
+    used ('stock' or 'custom'). ``format='stock'`` raises ConfigError when no stock class is exact;
+    an existing ``out_dir`` must be empty or a previous export (it is replaced)."""
+    check_choice("format", format, FORMATS)
+    out = Path(out_dir).resolve()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
+        raise CheckpointError(f"'{out}' exists and is not a normlab export; choose a new or empty directory")
+    cfg = model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} ids but the model "
+                          f"only {cfg.vocab_size}")
+    family, reason = stock_family(cfg) if format != "custom" else (None, "")
+    if format == "stock" and family is None:
+        raise ConfigError(f"format 'stock': {reason}; use format 'custom' or 'auto'")
+    hf_tokenizer = tokenizer.hf_tokenizer()
+    eos = hf_tokenizer.id_to_token(tokenizer.eos_id)
+    if family is None:
+        config = {**_custom_entry_points(), **_standard_config(model, tokenizer.eos_id),
+                  **_normlab_fields(cfg)}
+        weights = model.state_dict()
+    else:
+        config = {"architectures": [family.architecture], "model_type": family.model_type,
+                  **_standard_config(model, tokenizer.eos_id)}
+        weights = {family.hf_name(k): v for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight")  # transformers ties it to model.embed_tokens.weight
+    modeling = modeling_source() if family is None else None
+
+    def write(directory: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  os.fspath(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_json(directory / CONFIG_FILE, config)
+        _write_json(directory / "generation_config.json",
+                    {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+                     "pad_token_id": tokenizer.eos_id})
+        hf_tokenizer.save(os.fspath(directory / "tokenizer.json"))
+        _write_json(directory / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
+            "unk_token": eos, "model_max_length": cfg.max_seq_len,
+            "clean_up_tokenization_spaces": False})
+        if modeling is not None:
+            (directory / MODELING_FILE).write_text(modeling)
+
+    write_directory(out, write)
+    return "custom" if family is None else "stock"
+
+
+def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+               format: str = "auto", step: int | None = None) -> str:
+    """``export`` the model of a run directory at checkpoint ``step`` (default: newest) with the
+    run's tokenizer; returns the format used."""
+    from normlab.train.saved import load_run
+
+    saved = load_run(run_dir, step)
+    return export(saved.model, out_dir, saved.tokenizer(), format)
+
+
+def _standard_config(model: NormLM, eos_id: int) -> dict:
+    """config.json keys every format shares: the transformers standard names."""
+    cfg = model.config
+    return {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps, "attention_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
+        "pad_token_id": None, "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "exported_by": f"normlab {_version()}",
+    }
+
+
+def _custom_entry_points() -> dict:
+    """config.json keys that send transformers to ``modeling_normlab.py``."""
+    return {
+        "architectures": ["NormlabForCausalLM"], "model_type": "normlab",
+        "auto_map": {"AutoConfig": "modeling_normlab.NormlabConfig",
+                     "AutoModelForCausalLM": "modeling_normlab.NormlabForCausalLM"},
+    }
+
+
+def _normlab_fields(cfg: ModelConfig) -> dict:
+    """Every ModelConfig field and one LayerPlan dict per layer (the remote code needs no
+    strategy logic)."""
+    return {**cfg.to_dict(), "layer_plans": [dataclasses.asdict(plan) for plan in layer_plans(cfg)]}
+
+
+def modeling_source() -> str:
+    """``modeling_normlab.py``: the source of BUNDLED_MODULES in order, their ``normlab`` and
+    ``__future__`` imports dropped. Raises RuntimeError when a dropped import names something
+    the bundle does not define, or the bundle imports anything beyond torch, transformers and
+    the standard library."""
+    parts = [f'"""A normlab {_version()} model for transformers (trust_remote_code=True), generated '
+             'by normlab.hf.export from normlab\'s own model source."""\n\nfrom __future__ import annotations\n']
+    dropped: list[tuple[str, str]] = []
+    for module in BUNDLED_MODULES:
+        path = Path(importlib.util.find_spec(module).origin)
+        source = path.read_text()
+        lines = source.splitlines(keepends=True)
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("normlab", "__future__"):
+                lines[node.lineno - 1:node.end_lineno] = [""] * (node.end_lineno - node.lineno + 1)
+                if node.module != "__future__":
+                    dropped += [(module, alias.name) for alias in node.names]
+        parts.append(f"\n# {'-' * 30} {module} ({path.name})\n\n" + "".join(lines))
+    bundle = "".join(parts)
+    _check_bundle(bundle, dropped)
+    return bundle
+
+
+def _check_bundle(bundle: str, dropped: list[tuple[str, str]]) -> None:
+    tree = ast.parse(bundle)
+    defined: list[str] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined += [t.id for t in targets if isinstance(t, ast.Name)]
+    twice = sorted({name for name in defined if defined.count(name) > 1})
+    missing = [f"{name} (imported by {module})" for module, name in dropped if name not in defined]
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or ".")
+    allowed = {"torch", "transformers", "__future__", *sys.stdlib_module_names}
+    foreign = sorted(name for name in imported if name.split(".")[0] not in allowed)
+    if twice or missing or foreign:
+        raise RuntimeError(f"{MODELING_FILE} cannot be bundled: defined twice {twice}, "
+                           f"not defined {missing}, foreign imports {foreign}")
+
+
+def write_directory(out: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a fresh temporary sibling of ``out``, then rename it to ``out``; an
+    existing ``out`` (the caller decides whether it may go) is removed after the rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.with_name(f".{out.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and str(config.get("exported_by", "")).startswith("normlab")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _version() -> str:
+    from normlab import __version__
+
+    return __version__

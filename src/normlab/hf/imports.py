@@ -1,0 +1,180 @@
+"""Import Llama, Qwen3 and OLMo-2 models from Hugging Face as normlab models.
+
+llama -> ``pre_norm``, qwen3 -> ``qk_norm`` (per-head QK-norm), olmo2 -> ``output_norm`` (OLMo-2
+reordered norm, full-width QK-norm). Sizes, GQA, tied embeddings, rope_theta and rms_norm_eps map
+onto ModelConfig; the state dicts agree up to OLMo-2's ``post_attention_layernorm`` (normlab:
+``attn_output_layernorm``). A feature normlab cannot represent (RoPE scaling, biases, sliding
+windows, a head size other than hidden_size / num_attention_heads, an activation other than
+SiLU) is refused with a ConfigError that names it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from normlab.errors import CheckpointError, ConfigError, DataError
+from normlab.hf.export import STOCK_FAMILIES, StockFamily, write_directory
+from normlab.nn.model import NormLM
+
+FAMILIES = {family.model_type: family for family in STOCK_FAMILIES}
+
+
+def require_transformers() -> Any:
+    """The ``transformers`` module, or a one-line ConfigError saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("this needs the optional transformers package: pip install 'normlab[hf]'") from None
+    return transformers
+
+
+def from_hf(source: Any) -> NormLM:
+    """A normlab model (eval mode, fp32) whose logits equal those of a Llama, Qwen3 or OLMo-2
+    model: a transformers model object, or a directory that ``from_pretrained`` reads."""
+    return _load(source)[0]
+
+
+def model_config_from_hf(hf_config: Any) -> ModelConfig:
+    """The normlab ModelConfig of a transformers Llama / Qwen3 / OLMo-2 config: hidden_size ->
+    d_model, num_hidden_layers -> n_layers, num_attention_heads -> n_heads, num_key_value_heads ->
+    n_kv_heads, intermediate_size -> ffn_hidden, max_position_embeddings -> max_seq_len,
+    rope_theta, rms_norm_eps -> norm_eps, tie_word_embeddings -> tie_embeddings."""
+    family = _family(hf_config)
+    feature = _unsupported_feature(hf_config)
+    if feature is not None:
+        raise ConfigError(f"{family.architecture}: {feature} cannot be represented in normlab")
+    heads = hf_config.num_attention_heads
+    return ModelConfig.from_strategy(
+        family.strategy, vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers, n_heads=heads,
+        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        ffn_hidden=hf_config.intermediate_size, max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=float(_rope(hf_config)["rope_theta"]), norm_eps=float(hf_config.rms_norm_eps),
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )
+
+
+def import_run(hf_dir: str | os.PathLike[str], out_run: str | os.PathLike[str]) -> Path:
+    """Write a normlab run directory for the Hugging Face model in ``hf_dir``: a complete
+    config.yaml whose data.tokenizer is the run's own ``tokenizer/`` (the model's tokenizer.json,
+    end-of-text = its eos_token_id), ``checkpoints/step_000000`` and a finished status.json naming
+    the source. ``load_run``, evaluate, generate, diagnose and export read it like a trained run."""
+    from normlab.train.checkpoint import save_checkpoint
+    from normlab.train.rundir import RunDir
+
+    out = Path(out_run).resolve()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise CheckpointError(f"'{out}' already exists; import into a new or empty directory")
+    source = Path(hf_dir).resolve()
+    model, hf_config = _load(source)
+    tokenizer = _tokenizer(source, hf_config)
+    run_config = RunConfig(
+        model=model.config, data=DataConfig(tokenizer=str(out / "tokenizer")),
+        train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len)),
+    )
+
+    def write(directory: Path) -> None:
+        run = RunDir(directory)
+        run.write_config(run_config.to_dict())
+        tokenizer.save(run.tokenizer_path)
+        save_checkpoint(run.checkpoints, 0, model, {"step": 0, "imported_from": str(source)}, keep_last=1)
+        run.write_status("finished", step=0, reason=f"imported from {source}")
+
+    write_directory(out, write)
+    return out
+
+
+def _load(source: Any) -> tuple[NormLM, Any]:
+    """(normlab model, transformers config) of ``source`` (a model object or a directory)."""
+    transformers = require_transformers()
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).is_dir():
+            raise CheckpointError(f"'{source}' is not a directory (expected a Hugging Face model directory)")
+        try:
+            hf_config = transformers.AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"'{source}' holds no readable Hugging Face model: "
+                                  f"{str(err).strip().splitlines()[0]}") from None
+        cfg = model_config_from_hf(hf_config)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, config=hf_config,
+                                                                     dtype=torch.float32)
+    else:
+        hf_model, hf_config = source, source.config
+        cfg = model_config_from_hf(hf_config)
+    family = _family(hf_config)
+    model = NormLM(cfg)
+    state = {family.normlab_name(key): value for key, value in hf_model.state_dict().items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{family.architecture} weights do not fit normlab's {family.strategy} "
+                              f"model: {str(err).strip().splitlines()[-1].strip()}") from None
+    return model.eval(), hf_config
+
+
+def _family(hf_config: Any) -> StockFamily:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model type '{model_type}' cannot be imported; normlab imports "
+                          f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _rope(hf_config: Any) -> dict[str, Any]:
+    """RoPE parameters as transformers 5 stores them (``rope_parameters``) or 4 (``rope_theta``,
+    ``rope_scaling``), with ``rope_type`` and ``rope_theta`` always present."""
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+                or {})
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return rope
+
+
+def _unsupported_feature(hf_config: Any) -> str | None:
+    """The first feature of ``hf_config`` normlab's model does not have, in words; None if none."""
+    rope = _rope(hf_config)
+    heads, hidden = hf_config.num_attention_heads, hf_config.hidden_size
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    activation = getattr(hf_config, "hidden_act", "silu")
+    layer_types = getattr(hf_config, "layer_types", None) or ()
+    checks = (
+        (rope["rope_type"] != "default", f"RoPE scaling '{rope['rope_type']}'"),
+        (rope.get("partial_rotary_factor", 1.0) != 1.0, "partial rotary embedding"),
+        (bool(getattr(hf_config, "attention_bias", False)), "attention bias"),
+        (bool(getattr(hf_config, "mlp_bias", False)), "MLP bias"),
+        (activation != "silu", f"activation '{activation}' (normlab's FFN is SwiGLU)"),
+        (bool(getattr(hf_config, "use_sliding_window", False))
+         or getattr(hf_config, "sliding_window", None) is not None
+         or any(kind != "full_attention" for kind in layer_types), "sliding-window attention"),
+        (head_dim != hidden // heads,
+         f"head_dim {head_dim} (normlab's is hidden_size / num_attention_heads = {hidden // heads})"),
+    )
+    return next((feature for present, feature in checks if present), None)
+
+
+def _tokenizer(hf_dir: Path, hf_config: Any):
+    """The model's ``tokenizer.json`` as a normlab tokenizer whose end-of-text is eos_token_id."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from normlab.data import BPETokenizer
+    from normlab.data.tokenizers import EOS
+
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"'{hf_dir}' has no tokenizer.json; save the model's fast tokenizer there "
+                        "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
+    try:
+        hf_tokenizer = HFTokenizer.from_file(os.fspath(path))
+    except Exception as err:
+        raise DataError(f"'{path}' is unreadable: {err}") from None
+    eos_id = getattr(hf_config, "eos_token_id", None)
+    eos_id = eos_id[0] if isinstance(eos_id, (list, tuple)) else eos_id
+    eos = EOS if eos_id is None else hf_tokenizer.id_to_token(eos_id)
+    if eos is None:
+        raise DataError(f"'{path}': eos_token_id {eos_id} is not in the vocabulary")
+    return BPETokenizer(hf_tokenizer, name=f"hf:{hf_dir.name}", eos_token=eos)
