@@ -2,7 +2,7 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= hf,tb,dev
+EXTRAS     ?= hf,tb,eval,dev
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.normlab-installed
 DEMO_OUT   ?= runs/demo

@@ -203,3 +203,53 @@ def test_diverged_strategies_rank_last():
     ranking = rank(entries)
     assert ranking == ["c", "b", "a"]  # a has the lowest loss but diverged once; d never finished
     assert headline(entries, ranking, "b").startswith("Lowest validation loss: c")
+
+
+def test_eval_tasks_reach_the_report(sweep, tmp_path):
+    from normlab.compare.compare import EvalSpec
+
+    out, _, statuses = sweep
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    task = tmp_path / "tiny_mc.jsonl"
+    items = [{"query": f"Question {i}: which word?", "choices": ["alpha", "be", "gamma ray"], "gold": i % 3}
+             for i in range(12)]
+    task.write_text("".join(json.dumps(item) + "\n" for item in items))
+    spec = EvalSpec([str(task)], limit=10)
+    compare(RunConfig.load(None, TINY), parse_variants(VARIANTS), [0, 1], copy, progress=False, evaluation=spec)
+
+    accs = {}
+    for name, status in statuses.items():
+        scored = copy / "runs" / name / "eval" / "step_000016.json"
+        assert scored.is_file() == (status == "finished"), name
+        if scored.is_file():
+            result = json.loads(scored.read_text())["tasks"]["tiny_mc"]
+            assert result["items"] == 10
+            accs[name] = result["metrics"]["acc"]["value"]
+    summary = json.loads((copy / "summary.json").read_text())
+    star = summary["strategies"]["hybridnorm_star"]["downstream"]["tiny_mc"]
+    assert star["metric"] == "acc"
+    assert star["value"]["mean"] == pytest.approx((accs["hybridnorm_star-s0"] + accs["hybridnorm_star-s1"]) / 2)
+    diffs = [accs[f"hybridnorm_star-s{s}"] - accs[f"pre_norm-s{s}"] for s in (0, 1)]
+    assert star["delta"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert summary["strategies"]["pre_norm"]["downstream"]["tiny_mc"]["delta"] is None
+    diverged = summary["strategies"]["post_norm[train.lr=5 train.warmup_steps=0]"]["downstream"]["tiny_mc"]
+    assert diverged["value"]["n"] == 0
+    report = (copy / "report.md").read_text()
+    assert "## Downstream" in report and "tiny_mc acc" in report
+
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("runs/*/eval/*.json")}
+    compare(RunConfig.load(None, TINY), parse_variants(VARIANTS), [0, 1], copy, progress=False, evaluation=spec)
+    assert {p: p.stat().st_mtime_ns for p in copy.glob("runs/*/eval/*.json")} == stamps  # not scored again
+
+
+def test_unknown_eval_task_fails_before_training(tmp_path):
+    from normlab.compare.compare import EvalSpec
+
+    data = tmp_path / "data"
+    (data / "copa").mkdir(parents=True)
+    (data / "copa" / "copa.jsonl").write_text(json.dumps({"query": "q", "choices": ["a"], "gold": 0}) + "\n")
+    with pytest.raises(NormlabError, match="did you mean 'copa'"):
+        compare(RunConfig.load(None, TINY), parse_variants("pre_norm"), [0], tmp_path / "o", progress=False,
+                evaluation=EvalSpec(["cope"], data_dir=str(data)))
+    assert not (tmp_path / "o").exists()

@@ -78,13 +78,20 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from normlab.compare import compare, parse_variants
-    from normlab.config import RunConfig
+    from normlab.compare.compare import EvalSpec
+    from normlab.config import ConfigError, RunConfig
 
     seeds = _parse_list(args.seeds, int, "--seeds")
     raw = RunConfig.load(args.config, args.overrides)
+    evaluation = None
+    if args.eval_tasks:
+        if args.eval_fewshot < 0 or (args.eval_limit is not None and args.eval_limit < 1):
+            raise ConfigError("--eval-fewshot must be >= 0 and --eval-limit >= 1")
+        evaluation = EvalSpec(_parse_list(args.eval_tasks, str, "--eval-tasks"), args.eval_data_dir,
+                              args.eval_fewshot, args.eval_limit)
     report, statuses = compare(raw, parse_variants(args.strategies), seeds, args.out,
                                baseline=args.baseline, same_init=args.same_init, progress=not args.quiet,
-                               jobs=args.jobs)
+                               jobs=args.jobs, evaluation=evaluation)
     counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
     print(f"runs: {', '.join(f'{n} {s}' for s, n in counts.items())}", file=sys.stderr)
     print(f"report: {report}")
@@ -128,6 +135,29 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from normlab.eval import default_results_path, evaluate_run
+
+    results = evaluate_run(args.run, _parse_list(args.tasks, str, "--tasks"), step=args.checkpoint,
+                           out=args.out, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
+                           limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                           progress=not args.quiet)
+    rows = [(name, f"{task['items']}", metric, f"{m['value']:.4f}",
+             "" if m["stderr"] is None else f"± {m['stderr']:.4f}")
+            for name, task in results["tasks"].items() for metric, m in task["metrics"].items()]
+    header = ("task", "items", "metric", "value", "stderr")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    truncated = {name: t["truncated"] for name, t in results["tasks"].items() if t["truncated"]}
+    if truncated:
+        print(f"normlab: note: inputs cut to the last max_seq_len={results['max_seq_len']} tokens: "
+              + ", ".join(f"{name} {count}" for name, count in truncated.items()), file=sys.stderr)
+    path = args.out or default_results_path(results["run_dir"], results["checkpoint_step"])
+    print(f"results: {path} (step {results['checkpoint_step']}, {results['elapsed_s']:.1f}s)")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -165,6 +195,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(text[shown:end], end="", flush=True)
             shown = max(shown, end)
         print(tokenizer.decode(new)[shown:])
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from normlab.hf import export_run
+
+    used = export_run(args.run, args.out_dir, args.format, step=args.checkpoint)
+    hint = "; load it with trust_remote_code=True" if used == "custom" else ""
+    print(f"{args.out_dir}: {used} Hugging Face model{hint}")
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from normlab.hf import import_run
+
+    run = import_run(args.hf_dir, args.out_run)
+    print(f"{run}: normlab run at step 0 (evaluate, generate, diagnose and export-hf read it)")
     return 0
 
 
@@ -249,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="pre_norm", help="strategy the others are measured against")
     p.add_argument("--same-init", metavar="SCHEME",
                    help="force one init scheme (normal, megatron, depth_scaled, deepnorm) for all")
+    p.add_argument("--eval-tasks", metavar="T1,T2",
+                   help="also score these tasks (normlab evaluate) on every finished run; the report "
+                   "gains per-task columns with the paired difference to the baseline")
+    p.add_argument("--eval-data-dir", metavar="DIR", help="where task names are looked up "
+                   "(default: $NORMLAB_DATA)")
+    p.add_argument("--eval-fewshot", type=int, default=0, metavar="K", help="(default: %(default)s)")
+    p.add_argument("--eval-limit", type=int, metavar="N", help="first N items of each task (default: all)")
     _add_sweep_args(p)
     p.set_defaults(func=_cmd_compare)
 
@@ -280,6 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stability)
 
     p = verbs.add_parser(
+        "evaluate", help="zero- and few-shot accuracy / perplexity of a run on evaluation tasks",
+        description="Score tasks with lm-evaluation-harness's log-likelihood convention: multiple "
+        "choice (query/choices/gold: acc, acc_norm), partial scoring (context_options/"
+        "continuation/gold: acc), continuation (context/continuation: greedy acc, perplexity) and "
+        "plain text (.txt or text records: perplexity, bits per byte, word perplexity). Prints a "
+        "table and writes the results JSON (default RUN_DIR/eval/step_NNNNNN.json). Every task "
+        "is validated before anything is scored; bad input writes nothing and exits 2.")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory (normlab train, compare or import-hf)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated task names (folders NAME/*.jsonl under --data-dir) or "
+                   ".jsonl/.txt paths, e.g. arc_easy,piqa,copa,lambada")
+    p.add_argument("--data-dir", help="folder of task folders (default: $NORMLAB_DATA)")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="K",
+                   help="solved examples from the same file before each item (default: %(default)s)")
+    p.add_argument("--limit", type=int, metavar="N", help="score the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default: %(default)s)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
+    p.add_argument("--out", metavar="FILE", help="results JSON path (default: RUN_DIR/eval/step_NNNNNN.json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = verbs.add_parser(
         "generate", help="generate text from a trained run (KV cache; streams to the terminal)",
         description="Continue --prompt with the run's model and tokenizer, printing tokens as they "
         "come. Temperature 0 is greedy decoding; otherwise sampling with optional top-k and "
@@ -294,6 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
     p.set_defaults(func=_cmd_generate)
+
+    p = verbs.add_parser(
+        "export-hf", help="write a run's model as a Hugging Face model directory",
+        description="Write model.safetensors, config.json, generation_config.json, tokenizer.json "
+        "and tokenizer_config.json into OUT_DIR. auto: a stock transformers class (Llama, Qwen3, "
+        "OLMo-2) when it computes exactly the same function, else custom code "
+        "(modeling_normlab.py: load with trust_remote_code=True). OUT_DIR must be new, empty or a "
+        "previous export, which is replaced.")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory written by normlab train or import-hf")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
+    p.add_argument("--format", choices=("auto", "stock", "custom"), default="auto",
+                   help="stock fails when no stock class is exact (default: %(default)s)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
+    p.set_defaults(func=_cmd_export_hf)
+
+    p = verbs.add_parser(
+        "import-hf", help="make a normlab run of a Hugging Face Llama, Qwen3 or OLMo-2 model",
+        description="Read a Hugging Face model directory (config.json, weights, tokenizer.json) and "
+        "write a normlab run directory with the same logits: llama -> pre_norm, qwen3 -> qk_norm, "
+        "olmo2 -> output_norm. Features normlab cannot represent (RoPE scaling, biases, sliding "
+        "windows) are refused. Needs transformers (pip install 'normlab[hf]').")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory")
+    p.add_argument("out_run", metavar="OUT_RUN", help="new run directory")
+    p.set_defaults(func=_cmd_import_hf)
 
     p = verbs.add_parser(
         "bench", help="speed ratios measured side by side (normlab vs transformers, strategies, norms)",

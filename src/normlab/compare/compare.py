@@ -9,17 +9,22 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normlab.compare.report import write_report
+from tqdm import tqdm
+
+from normlab.compare.report import eval_results, write_report
 from normlab.compare.sweep import SweepRun, check_existing, run_sweep
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
 from normlab.errors import ConfigError
+from normlab.eval import default_results_path, evaluate_run, load_task
 from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
-from normlab.train.checkpoint import atomic_write_text
+from normlab.train.checkpoint import atomic_write_text, list_checkpoints
+from normlab.train.rundir import RunDir
 from normlab.train.trainer import load_data, resolve_config
 
 
@@ -63,11 +68,24 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
+@dataclass
+class EvalSpec:
+    """Downstream tasks scored on every finished run (``normlab.eval``), with their options."""
+
+    tasks: list[str]
+    data_dir: str | None = None
+    num_fewshot: int = 0
+    limit: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"data_dir": self.data_dir, "num_fewshot": self.num_fewshot, "limit": self.limit}
+
+
 def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out: str | Path,
             baseline: str = "pre_norm", same_init: str | None = None, progress: bool = True,
-            jobs: int = 1) -> tuple[Path, dict]:
-    """Train every (variant, seed) not yet done into OUT/runs and write the report into OUT.
-    Returns (report.html path, name -> status)."""
+            jobs: int = 1, evaluation: EvalSpec | None = None) -> tuple[Path, dict]:
+    """Train every (variant, seed) not yet done into OUT/runs, score ``evaluation``'s tasks on
+    every finished run, and write the report into OUT. Returns (report.html path, name -> status)."""
     out = Path(out)
     if baseline not in [v.label for v in variants]:
         raise ConfigError(f"--baseline: '{baseline}' is not among --strategies ({', '.join(v.label for v in variants)})")
@@ -77,6 +95,9 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
         raise ConfigError("--seeds: give one or more distinct integers, e.g. 0,1,2")
     if same_init is not None:
         check_choice("--same-init", same_init, INIT_SCHEMES)
+    task_names = None
+    if evaluation is not None:  # every task file is read and checked before anything trains
+        task_names = [load_task(task, evaluation.data_dir).name for task in evaluation.tasks]
     raw = copy.deepcopy(raw)
     raw["train"] = dict(raw.get("train") or {})
     checked = RunConfig.from_dict(raw, vocab_size=1)  # every section checked before tokenizing
@@ -109,10 +130,25 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
             "tokens": base.train.max_steps * base.train.batch_size * base.train.seq_len * base.train.grad_accum,
             "lr": base.train.lr, "corpus": base.data.corpus, "tokenizer": base.data.tokenizer,
         },
+        "eval": None if evaluation is None else {"tasks": evaluation.tasks, "names": task_names, **evaluation.options()},
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(spec, indent=1) + "\n")
     check_existing(raw, runs, out, tokenizer.vocab_size)
     statuses = run_sweep(raw, runs, out, progress, jobs)
+    if evaluation is not None:
+        finished = [r.name for r in runs if statuses[r.name] == "finished"]
+        evaluate_runs(out, finished, evaluation, spec["eval"], progress)
     return write_report(out, spec), statuses
 
+
+def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: dict[str, Any],
+                  progress: bool) -> None:
+    """Score the tasks on each finished run's last checkpoint into ``RUN/eval/step_N.json``,
+    skipping runs already scored with the same tasks and options (``recorded``: the spec's
+    ``eval`` entry), so that a re-run is cheap."""
+    for name in tqdm(names, desc="evaluate", unit="run", disable=not (progress and sys.stderr.isatty())):
+        run = RunDir(out / "runs" / name)
+        if eval_results(run, recorded) is None:
+            out_path = default_results_path(run.path, list_checkpoints(run.checkpoints)[-1].step)
+            evaluate_run(run.path, evaluation.tasks, out=out_path, progress=False, **evaluation.options())

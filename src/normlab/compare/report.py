@@ -12,15 +12,40 @@ from typing import Any
 
 from normlab.compare import plots
 from normlab.compare.stats import mean_std, paired_difference
-from normlab.train.checkpoint import atomic_write_text
+from normlab.eval import default_results_path
+from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
 
 #: share of the last logged training steps averaged into the "final training loss"
 FINAL_WINDOW = 0.1
+#: the downstream number a task is compared by: the first of these its results hold
+PRIMARY_METRICS = ("acc", "bits_per_byte", "perplexity")
+HIGHER_IS_BETTER = {"acc": True, "bits_per_byte": False, "perplexity": False}
 
 
-def run_summary(run: RunDir, seed: int) -> dict[str, Any]:
-    """Final numbers of one run (None where it has none, e.g. diverged before evaluating)."""
+def eval_results(run: RunDir, evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The results JSON (``normlab.eval``) of ``run``'s newest checkpoint if it holds every task
+    of ``evaluation`` ({tasks, names, num_fewshot, limit, data_dir}) scored with the same
+    options, else None."""
+    checkpoints = list_checkpoints(run.checkpoints)
+    if not checkpoints:
+        return None
+    try:
+        results = json.loads(default_results_path(run.path, checkpoints[-1].step).read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("num_fewshot") != evaluation["num_fewshot"] or results.get("limit") != evaluation["limit"]:
+        return None
+    return results if set(evaluation["names"]) <= set(results.get("tasks", {})) else None
+
+
+def primary_metric(task_result: dict[str, Any]) -> str:
+    return next(m for m in PRIMARY_METRICS if m in task_result["metrics"])
+
+
+def run_summary(run: RunDir, seed: int, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Final numbers of one run (None where it has none, e.g. diverged before evaluating);
+    ``downstream`` maps each task of ``evaluation`` to its primary metric's value."""
     status = run.read_status()
     metrics = run.read_metrics()
     evaluated = [r for r in metrics if r.get("val_loss") is not None]
@@ -37,7 +62,17 @@ def run_summary(run: RunDir, seed: int) -> dict[str, Any]:
         "final_val_loss": evaluated[-1]["val_loss"] if finished and evaluated else None,
         "final_val_ppl": evaluated[-1]["val_ppl"] if finished and evaluated else None,
         "tokens_per_s": rates[len(rates) // 2] if rates else None,
+        "downstream": _downstream(run, evaluation) if finished and evaluation else {},
     }
+
+
+def _downstream(run: RunDir, evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    results = eval_results(run, evaluation)
+    if results is None:
+        return {}
+    tasks = {name: results["tasks"][name] for name in evaluation["names"]}
+    return {name: {"metric": primary_metric(t), "value": t["metrics"][primary_metric(t)]["value"]}
+            for name, t in tasks.items()}
 
 
 def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +80,7 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     baseline = spec["baseline"]
     entries: dict[str, dict[str, Any]] = {}
     for variant in spec["variants"]:
-        runs = [run_summary(RunDir(out / "runs" / name), seed)
+        runs = [run_summary(RunDir(out / "runs" / name), seed, spec.get("eval"))
                 for seed, name in zip(spec["seeds"], variant["runs"], strict=True)]
         ok = [r for r in runs if r["final_val_loss"] is not None]
         entries[variant["label"]] = {
@@ -70,17 +105,38 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
             if pairs:
                 entry["delta_val_loss"] = paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
         entry["verdict"] = verdict(label, entry, baseline)
+        entry["downstream"] = downstream_summary(entry["runs"], base["runs"], (spec.get("eval") or {}).get("names", []),
+                                                 paired=label != baseline)
     ranking = rank(entries)
     return {
         "baseline": baseline,
         "setup": spec["setup"],
         "seeds": spec["seeds"],
         "same_init": spec["same_init"],
+        "eval": spec.get("eval"),
         "final_train_loss_window": FINAL_WINDOW,
         "strategies": entries,
         "ranking": ranking,
         "headline": headline(entries, ranking, baseline),
     }
+
+
+def downstream_summary(runs: list[dict], base_runs: list[dict], tasks: list[str],
+                       paired: bool) -> dict[str, dict[str, Any]]:
+    """Per task: the primary metric's mean ± std over seeds and, for a non-baseline strategy, the
+    difference to the baseline paired by seed with its 95% CI (as for the validation loss)."""
+    out = {}
+    for task in tasks:
+        scored = [r["downstream"][task] for r in runs if task in r["downstream"]]
+        pairs = [(r["downstream"][task]["value"], b["downstream"][task]["value"])
+                 for r, b in zip(runs, base_runs, strict=True)
+                 if task in r["downstream"] and task in b["downstream"]]
+        out[task] = {
+            "metric": scored[0]["metric"] if scored else None,
+            "value": mean_std([s["value"] for s in scored]),
+            "delta": paired_difference([p[0] for p in pairs], [p[1] for p in pairs]) if paired and pairs else None,
+        }
+    return out
 
 
 def rank(entries: dict[str, dict[str, Any]]) -> list[str]:
@@ -146,6 +202,42 @@ def _delta(entry: dict[str, Any]) -> str:
 
 TABLE_HEADER = ["strategy", "init", "val loss", "val ppl", "train loss", "Δ val loss vs baseline (95% CI)",
                 "diverged", "tokens/s"]
+
+
+def downstream_header(summary: dict[str, Any]) -> list[str]:
+    """strategy, then per task its metric and the paired Δ vs the baseline."""
+    header = ["strategy"]
+    for task in summary["eval"]["names"]:
+        metric = next((e["downstream"][task]["metric"] for e in summary["strategies"].values()
+                       if e["downstream"][task]["metric"]), "")
+        header += [f"{task} {metric}".strip(), f"Δ {task} (95% CI)"]
+    return header
+
+
+def downstream_rows(summary: dict[str, Any]) -> list[list[tuple[str, str]]]:
+    """Rows of (text, css class) cells; the class marks a Δ whose CI excludes 0 as better/worse."""
+    order = summary["ranking"] + [s for s in summary["strategies"] if s not in summary["ranking"]]
+    rows = []
+    for label in order:
+        row = [(label + (" (baseline)" if label == summary["baseline"] else ""), "")]
+        for task in summary["eval"]["names"]:
+            cell = summary["strategies"][label]["downstream"][task]
+            row.append((_pm(cell["value"]), ""))
+            row.append(_delta_cell(cell["delta"], HIGHER_IS_BETTER.get(cell["metric"], True)))
+        rows.append(row)
+    return rows
+
+
+def _delta_cell(delta: dict[str, Any] | None, higher_is_better: bool) -> tuple[str, str]:
+    if delta is None:
+        return "—", ""
+    if delta["half_width"] is None:
+        return f"{delta['mean']:+.4f}", ""
+    up = delta["low"] > 0
+    down = delta["high"] < 0
+    css = "better" if (up and higher_is_better) or (down and not higher_is_better) else \
+        "worse" if up or down else ""
+    return f"{delta['mean']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]", css
 
 
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -215,6 +307,14 @@ def _setup_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _eval_line(summary: dict[str, Any]) -> str:
+    e = summary["eval"]
+    items = f"first {e['limit']} items of each task" if e["limit"] else "every item"
+    return (f"normlab evaluate on each run's last checkpoint: {e['num_fewshot']}-shot, {items}; "
+            "mean ± std over seeds, Δ paired by seed (acc: higher is better; bits per byte and "
+            "perplexity: lower is better).")
+
+
 def render_markdown(summary: dict[str, Any], figures: dict[str, Path], out: Path) -> str:
     lines = ["# normlab comparison", "", f"**{summary['headline']}**", "", "## Setup", ""]
     lines += [f"- {line}" for line in _setup_lines(summary)]
@@ -223,6 +323,11 @@ def render_markdown(summary: dict[str, Any], figures: dict[str, Path], out: Path
     lines += ["", "## Results", "", "| " + " | ".join(TABLE_HEADER) + " |",
               "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    if summary.get("eval"):
+        header = downstream_header(summary)
+        lines += ["", "## Downstream", "", _eval_line(summary), "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(text for text, _ in row) + " |" for row in downstream_rows(summary)]
     failures = [(label, r) for label, e in summary["strategies"].items() for r in e["runs"]
                 if r["status"] != "finished"]
     if failures:
@@ -264,7 +369,14 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path]) -> str:
     for i, row in enumerate(table_rows(summary)):
         parts.append(f"<tr class='{'best' if i == 0 and summary['ranking'] else ''}'>"
                      + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    parts.append("</table></div><h2>Setup</h2><ul class=muted>")
+    parts.append("</table></div>")
+    if summary.get("eval"):
+        parts.append(f"<h2>Downstream</h2><p class=muted>{esc(_eval_line(summary))}</p><div class=scroll><table><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in downstream_header(summary)) + "</tr>")
+        for row in downstream_rows(summary):
+            parts.append("<tr>" + "".join(f"<td class='{css}'>{esc(text)}</td>" for text, css in row) + "</tr>")
+        parts.append("</table></div>")
+    parts.append("<h2>Setup</h2><ul class=muted>")
     parts += [f"<li>{esc(line)}</li>" for line in _setup_lines(summary)]
     parts.append("</ul><h2>Plots</h2>")
     for caption, path in figures.items():
