@@ -30,5 +30,6 @@ def test_bench_reports_ratios(tmp_path, capsys):
     assert set(result["norms"]) == {"rmsnorm", "layernorm", "dyt", "bhyt_star"}
     if pytest.importorskip("transformers"):
         assert result["vs_transformers"]["train_ratio"] > 0
+        assert result["generation"]["new_tokens"] == 8 and result["generation"]["same_tokens"]
     assert json.loads((tmp_path / "bench.json").read_text())["setup"]["d_model"] == 32
     assert "train step relative to pre_norm" in capsys.readouterr().out

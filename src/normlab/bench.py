@@ -43,21 +43,31 @@ def _train_step(model, ids: torch.Tensor, logits_of: Callable) -> Callable[[], N
     return step
 
 
-def bench_vs_hf(cfg: ModelConfig, ids: torch.Tensor, rounds: int) -> dict[str, Any] | None:
-    """normlab Pre-Norm vs transformers.LlamaForCausalLM with the same weights: train step and
-    forward. None when transformers is not installed."""
+def _llama_twin(cfg: ModelConfig, device: torch.device):
+    """(normlab Pre-Norm model, transformers.LlamaForCausalLM with the same weights), or None
+    when transformers is not installed."""
     try:
         import transformers
     except ImportError:
         return None
-    ours = build_model(cfg).to(ids.device)
+    ours = build_model(cfg).to(device)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
-    hf = transformers.LlamaForCausalLM(hf_cfg).to(ids.device)
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(device)
     hf.load_state_dict(ours.state_dict())
+    return ours, hf
+
+
+def bench_vs_hf(cfg: ModelConfig, ids: torch.Tensor, rounds: int) -> dict[str, Any] | None:
+    """normlab Pre-Norm vs transformers.LlamaForCausalLM with the same weights: train step and
+    forward. None when transformers is not installed."""
+    twin = _llama_twin(cfg, ids.device)
+    if twin is None:
+        return None
+    ours, hf = twin
 
     def ours_logits(m, x):
         return m(x)
@@ -72,6 +82,77 @@ def bench_vs_hf(cfg: ModelConfig, ids: torch.Tensor, rounds: int) -> dict[str, A
     return {"train_step": train, "forward": forward,
             "train_ratio": train["normlab"] / train["transformers"],
             "forward_ratio": forward["normlab"] / forward["transformers"]}
+
+
+def bench_generation(cfg: ModelConfig, rounds: int, device: torch.device, new_tokens: int = 128,
+                     prompt_len: int = 16) -> dict[str, Any] | None:
+    """Greedy KV-cache generation at batch 1: ``NormLM.generate`` vs ``LlamaForCausalLM.generate``
+    with the same weights, ``new_tokens`` tokens each (no early stop). None without transformers."""
+    twin = _llama_twin(cfg, device)
+    if twin is None:
+        return None
+    ours, hf = twin
+    ours.eval()
+    hf.eval()
+    prompt_len = min(prompt_len, cfg.max_seq_len // 2)
+    new_tokens = min(new_tokens, cfg.max_seq_len - prompt_len)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device,
+                           generator=torch.Generator(device).manual_seed(0))
+    # no eos token: both generate exactly new_tokens tokens
+    same = torch.equal(ours.generate(prompt, new_tokens), hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False))
+    times = interleaved({
+        "normlab": lambda: ours.generate(prompt, new_tokens),
+        "transformers": lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
+    }, rounds, 1)
+    return {"seconds": times, "new_tokens": new_tokens, "same_tokens": same,
+            "ratio": times["normlab"] / times["transformers"]}
+
+
+def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: int = 200,
+                  batch_size: int = 32) -> dict[str, Any] | None:
+    """Multiple-choice scoring of the same items: ``normlab.eval.evaluate`` vs lm-eval's ``hf``
+    backend (``HFLM.loglikelihood``, tokenization included on both sides) on the same model
+    exported to a Hugging Face directory, one batch size for both. The items are ARC-Easy from
+    ``$NORMLAB_DATA`` when it is there, else made-up questions; the tokenizer a byte-level BPE of
+    ``cfg.vocab_size`` ids trained on them. None without transformers or lm-eval."""
+    try:
+        import transformers  # noqa: F401
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return None
+    import os
+    import tempfile
+
+    from normlab.data import train_bpe
+    from normlab.eval import evaluate, load_task
+    from normlab.hf import export
+
+    source = Path(os.environ.get("NORMLAB_DATA", "")) / "arc_easy" / "arc_easy.jsonl"
+    if source.is_file():
+        lines = source.read_text().splitlines()[:items]
+    else:
+        lines = [json.dumps({"query": f"Question: what is {i} plus {i}?", "gold": 0,
+                             "choices": [str(2 * i), str(2 * i + 1), "a number", "none of these"]})
+                 for i in range(items)]
+    records = [json.loads(line) for line in lines]
+    tokenizer = train_bpe([r["query"] + " " + " ".join(r["choices"]) for r in records], max(cfg.vocab_size, 300))
+    model = build_model(ModelConfig.from_strategy("pre_norm", **{**_sizes(cfg), "vocab_size": tokenizer.vocab_size}))
+    model = model.to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        task_file = Path(tmp) / "mc.jsonl"
+        task_file.write_text("\n".join(lines) + "\n")
+        export(model, Path(tmp) / "hf", tokenizer, format="auto")
+        lm = HFLM(pretrained=str(Path(tmp) / "hf"), batch_size=batch_size, device=str(device), dtype="float32")
+        task = load_task(task_file)
+        requests = [Instance("loglikelihood", {}, pair, i) for i in range(len(lines)) for pair in task.pairs(i)]
+        times = interleaved({
+            "normlab": lambda: evaluate(model, tokenizer, [str(task_file)], batch_size=batch_size, progress=False),
+            "lm-eval": lambda: lm.loglikelihood(requests, disable_tqdm=True),
+        }, rounds, 1)
+    return {"seconds": times, "items": len(lines), "choices": len(requests), "batch_size": batch_size,
+            "tokenizer": tokenizer.name, "data": "arc_easy" if source.is_file() else "synthetic",
+            "ratio": times["normlab"] / times["lm-eval"]}
 
 
 def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: list[str]) -> dict[str, float]:
@@ -129,6 +210,18 @@ def run_bench(d_model: int = 256, n_layers: int = 4, n_heads: int = 4, seq_len: 
         _say(f"  forward               {r['forward_ratio']:.3f}")
     else:
         _say("\n(transformers not installed: skipping the Hugging Face comparison)")
+    generation = result["generation"] = bench_generation(cfg, rounds, dev)
+    if generation:
+        _say(f"\ngreedy generation, batch 1, {generation['new_tokens']} new tokens, KV cache: "
+             f"normlab / transformers = {generation['ratio']:.3f} "
+             f"({generation['seconds']['normlab'] * 1e3 / generation['new_tokens']:.2f} vs "
+             f"{generation['seconds']['transformers'] * 1e3 / generation['new_tokens']:.2f} ms per token; "
+             f"same tokens: {generation['same_tokens']})")
+    scoring = result["scoring"] = bench_scoring(cfg, max(1, rounds // 2), dev)
+    if scoring:
+        _say(f"\nmultiple-choice scoring, {scoring['items']} {scoring['data']} items ({scoring['choices']} choices), "
+             f"{scoring['tokenizer']}, batch {scoring['batch_size']}: normlab evaluate / lm-eval hf = {scoring['ratio']:.3f} "
+             f"({scoring['seconds']['normlab']:.2f} s vs {scoring['seconds']['lm-eval']:.2f} s)")
     steps = bench_strategies(cfg, ids, rounds, names)
     base = steps.get("pre_norm", next(iter(steps.values())))
     result["strategies"] = {n: {"seconds": t, "ratio_to_pre_norm": t / base} for n, t in steps.items()}

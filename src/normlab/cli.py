@@ -150,6 +150,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     truncated = {name: t["truncated"] for name, t in results["tasks"].items() if t["truncated"]}
+    sys.stdout.flush()  # the note comes after the table
     if truncated:
         print(f"normlab: note: inputs cut to the last max_seq_len={results['max_seq_len']} tokens: "
               + ", ".join(f"{name} {count}" for name, count in truncated.items()), file=sys.stderr)

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from normlab.compare.report import eval_results, write_report
 from normlab.compare.sweep import SweepRun, check_existing, run_sweep
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
 from normlab.errors import ConfigError
-from normlab.eval import default_results_path, evaluate_run, load_task
+from normlab.eval import default_results_path, load_task
 from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text, list_checkpoints
@@ -138,17 +140,37 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
     statuses = run_sweep(raw, runs, out, progress, jobs)
     if evaluation is not None:
         finished = [r.name for r in runs if statuses[r.name] == "finished"]
-        evaluate_runs(out, finished, evaluation, spec["eval"], progress)
+        evaluate_runs(out, finished, evaluation, spec["eval"], progress, jobs)
     return write_report(out, spec), statuses
 
 
 def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: dict[str, Any],
-                  progress: bool) -> None:
+                  progress: bool, jobs: int = 1) -> None:
     """Score the tasks on each finished run's last checkpoint into ``RUN/eval/step_N.json``,
-    skipping runs already scored with the same tasks and options (``recorded``: the spec's
-    ``eval`` entry), so that a re-run is cheap."""
-    for name in tqdm(names, desc="evaluate", unit="run", disable=not (progress and sys.stderr.isatty())):
+    ``jobs`` runs at a time (worker processes, like training), skipping runs already scored with
+    the same tasks and options (``recorded``: the spec's ``eval`` entry). A run whose scoring
+    fails is reported and the others go on; its report cells stay empty."""
+    todo = [name for name in names if eval_results(RunDir(out / "runs" / name), recorded) is None]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    options = ["--tasks", ",".join(evaluation.tasks), "--num-fewshot", str(evaluation.num_fewshot), "-q"]
+    options += ["--data-dir", evaluation.data_dir] if evaluation.data_dir else []
+    options += ["--limit", str(evaluation.limit)] if evaluation.limit else []
+
+    def work(item: tuple[int, str]) -> None:
+        index, name = item
         run = RunDir(out / "runs" / name)
-        if eval_results(run, recorded) is None:
-            out_path = default_results_path(run.path, list_checkpoints(run.checkpoints)[-1].step)
-            evaluate_run(run.path, evaluation.tasks, out=out_path, progress=False, **evaluation.options())
+        head = f"[{index}/{len(todo)}] {name}"
+        started = time.perf_counter()
+        target = default_results_path(run.path, list_checkpoints(run.checkpoints)[-1].step)
+        result = subprocess.run([sys.executable, "-m", "normlab.cli", "evaluate", str(run.path), *options,
+                                 "--out", str(target)], env=env, capture_output=True, text=True)
+        if result.returncode:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            print(f"{head}: evaluation failed ({lines[-1] if lines else result.returncode}); continuing",
+                  file=sys.stderr, flush=True)
+        elif progress:
+            print(f"{head}: evaluated in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(work, enumerate(todo, 1)))
