@@ -124,3 +124,57 @@ def test_prompt_too_long_is_refused():
     model = _trained_like("pre_norm")
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+    import os
+
+    from normlab.config import RunConfig
+    from normlab.train.trainer import train
+
+    root = tmp_path_factory.mktemp("gen")
+    os.environ.setdefault("NORMLAB_CACHE", str(root / "cache"))
+    run = root / "run"
+    train(RunConfig.load(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+                                "train.batch_size=2", "train.seq_len=32", "train.max_steps=2",
+                                "train.warmup_steps=0", "train.eval_every=2", "train.eval_batches=1"]),
+          run, progress=False)
+    return run
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "normlab.cli", "generate", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_generate_cli_streams_the_greedy_continuation(byte_run):
+    from normlab.train.saved import load_run
+
+    saved = load_run(byte_run)
+    tokenizer = saved.tokenizer()
+    prompt = "def f("
+    ids = saved.model.generate(torch.tensor([tokenizer.encode(prompt)]), 12)
+    result = _cli(byte_run, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(ids[0].tolist()) + "\n"
+    sampled = [_cli(byte_run, "--prompt", prompt, "--max-new-tokens", 12, "--seed", 5).stdout for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0].startswith(prompt)
+    # no room left: the length is cut to what fits, with a note
+    result = _cli(byte_run, "--prompt", "x" * 30, "--max-new-tokens", 12, "--temperature", 0)
+    assert result.returncode == 0 and "generating 2 tokens" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "gpu"], "--device: 'gpu' is not auto"),
+    (["--prompt", "y" * 40], "--prompt: 40 tokens leave no room below max_seq_len=32"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: expected a positive integer"),
+    (["--top-p", "1.5"], "--top-p in (0, 1]"),
+])
+def test_generate_cli_bad_input_exits_2(byte_run, args, message):
+    result = _cli(byte_run, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

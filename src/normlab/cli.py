@@ -139,7 +139,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from normlab.eval import default_results_path, evaluate_run
 
     results = evaluate_run(args.run, _parse_list(args.tasks, str, "--tasks"), step=args.checkpoint,
-                           out=args.out, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
+                           out=args.out, device=args.device, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
                            limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                            progress=not args.quiet)
     rows = [(name, f"{task['items']}", metric, f"{m['value']:.4f}",
@@ -171,7 +171,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (
             args.top_k is not None and args.top_k < 1):
         raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
-    saved = load_run(args.run, args.checkpoint)
+    saved = load_run(args.run, args.checkpoint, args.device)
     tokenizer = saved.tokenizer()
     prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]  # an empty prompt starts a document
     limit = saved.model.config.max_seq_len
@@ -181,7 +181,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if new_tokens < args.max_new_tokens:
         print(f"normlab: note: generating {new_tokens} tokens, the room left below max_seq_len={limit}",
               file=sys.stderr)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=saved.model.lm_head.weight.device)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {sample + 1}", file=sys.stderr)
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default: %(default)s)")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
     p.add_argument("--out", metavar="FILE", help="results JSON path (default: RUN_DIR/eval/step_NNNNNN.json)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N] or mps "
+                   "(default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -370,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass, e.g. 0.95 (default: off)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N] or mps "
+                   "(default: %(default)s)")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
     p.set_defaults(func=_cmd_generate)
 

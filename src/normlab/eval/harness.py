@@ -83,11 +83,12 @@ def evaluate(model: NormLM, tokenizer: Tokenizer, tasks: Sequence[StrPath], *,
 
 
 def evaluate_run(run_dir: StrPath, tasks: Sequence[StrPath], *, step: int | None = None,
-                 out: StrPath | None = None, **options: Any) -> dict[str, Any]:
-    """``evaluate`` the run's model at checkpoint ``step`` (default: the newest) with its
-    tokenizer, and write the results (plus ``run_dir`` and ``checkpoint_step``) atomically to
-    ``out`` (default ``default_results_path``). ``options`` are those of ``evaluate``."""
-    saved = load_run(run_dir, step)
+                 out: StrPath | None = None, device: str = "auto", **options: Any) -> dict[str, Any]:
+    """``evaluate`` the run's model at checkpoint ``step`` (default: the newest) on ``device``
+    with its tokenizer, and write the results (plus ``run_dir`` and ``checkpoint_step``)
+    atomically to ``out`` (default ``default_results_path``). ``options`` are those of
+    ``evaluate``."""
+    saved = load_run(run_dir, step, device)
     tokenizer = saved.tokenizer(options.get("progress", True))
     results = evaluate(saved.model, tokenizer, tasks, **options)
     results = {"run_dir": str(saved.path), **results, "checkpoint_step": saved.step}

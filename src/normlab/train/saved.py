@@ -32,8 +32,12 @@ class SavedRun:
         return load_data(self.config.data, progress)[1]
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> SavedRun:
-    """The run in ``run_dir`` with the weights of checkpoint ``step`` (default: the newest)."""
+def load_run(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> SavedRun:
+    """The run in ``run_dir`` with the weights of checkpoint ``step`` (default: the newest), on
+    ``device`` ('auto': CUDA when available)."""
+    from normlab.train.trainer import pick_device
+
+    target = pick_device(device, "--device")
     run = RunDir(run_dir)
     if not run.exists():
         raise CheckpointError(f"'{run.path}' holds no normlab run (no config.yaml)")
@@ -51,4 +55,4 @@ def load_run(run_dir: str | Path, step: int | None = None) -> SavedRun:
         ckpt = matches[0]
     model = build_model(cfg.model)
     load_checkpoint(ckpt, model)
-    return SavedRun(run.path, cfg, model.eval(), ckpt.step)
+    return SavedRun(run.path, cfg, model.to(target).eval(), ckpt.step)

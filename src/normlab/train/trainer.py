@@ -83,11 +83,7 @@ def resolve_config(raw: dict[str, Any], vocab_size: int) -> RunConfig:
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({vocab_size}); leave it out to use the tokenizer's size"
         )
-    device = cfg.train.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: '{device}' requested but no CUDA device is available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device: 'mps' requested but it is not available")
+    pick_device(cfg.train.device, "train.device")  # fails now if the device is missing
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"train.seq_len: {cfg.train.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}"
@@ -108,10 +104,19 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'; a requested
+    device that is not there is a ConfigError naming ``option``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{option}: '{name}' requested but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option}: 'mps' requested but it is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option}: '{name}' is not auto, cpu, cuda, cuda:N or mps") from None
 
 
 # ---------------------------------------------------------------------------- loop
