@@ -47,6 +47,9 @@ def _cmd_model(args: argparse.Namespace) -> int:
     model = build_model(cfg)
     print(f"# parameters: {model.num_params():,} ({model.num_params(exclude_embeddings=True):,} "
           "without embeddings)")
+    if cfg.moe_experts:
+        print(f"# active parameters per token: {model.num_active_params():,} "
+              f"({cfg.moe_top_k} of {cfg.moe_experts} experts)")
     return 0
 
 

@@ -120,6 +120,15 @@ class ModelConfig:
     bhyt_refresh_every: int = 100
     bhyt_context_len: int | None = None  # T in c_attn; None: max_seq_len (the trainer sets seq_len)
 
+    # Mixture of experts (OLMoE style, normlab.nn.moe): 0 experts = dense SwiGLU FFN everywhere.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden: int | None = None  # None: ffn_hidden
+    moe_renormalize: bool = False  # OLMoE: top-k router probabilities are not renormalised
+    moe_layers: list[int] | None = None  # None: every layer; else the MoE layers, dense elsewhere
+    moe_aux_loss_weight: float = 0.01  # load-balancing loss weight
+    moe_z_loss_weight: float = 0.001  # router z-loss weight
+
     strategy: str | None = None  # the preset this config came from (informational)
 
     # ------------------------------------------------------------------ construction
@@ -236,9 +245,10 @@ class ModelConfig:
         if self.bhyt_context_len is None:
             self.bhyt_context_len = self.max_seq_len
         _check_positive_int("bhyt_context_len", self.bhyt_context_len)
-        for name in ("tie_embeddings", "embed_scale"):
+        for name in ("tie_embeddings", "embed_scale", "moe_renormalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        self._validate_moe()
         if self.strategy is not None:
             from normlab.strategies import STRATEGIES
 
@@ -249,6 +259,31 @@ class ModelConfig:
         from normlab.strategies import layer_plans
 
         layer_plans(self)
+
+    def _validate_moe(self) -> None:
+        if isinstance(self.moe_experts, bool) or not isinstance(self.moe_experts, int) or self.moe_experts < 0:
+            raise ConfigError(f"moe_experts: expected an integer >= 0 (0 = dense), got {self.moe_experts!r}")
+        _check_positive_int("moe_top_k", self.moe_top_k)
+        if self.moe_ffn_hidden is None:
+            self.moe_ffn_hidden = self.ffn_hidden
+        _check_positive_int("moe_ffn_hidden", self.moe_ffn_hidden)
+        for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
+            _check_float(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if not self.moe_experts:
+            if self.moe_layers is not None:
+                raise ConfigError("moe_layers: set moe_experts > 0 to have MoE layers")
+            return
+        if self.moe_top_k > self.moe_experts:
+            raise ConfigError(f"moe_top_k: {self.moe_top_k} is above moe_experts={self.moe_experts}")
+        if self.moe_layers is not None:
+            if not isinstance(self.moe_layers, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and -self.n_layers <= i < self.n_layers
+                    for i in self.moe_layers):
+                raise ConfigError(f"moe_layers: expected a list of layer indices below n_layers="
+                                  f"{self.n_layers}, got {self.moe_layers!r}")
+            self.moe_layers = sorted({i % self.n_layers for i in self.moe_layers})
 
     def _normalized_overrides(self) -> dict[int, dict[str, Any]]:
         if not isinstance(self.layer_overrides, dict):

@@ -7,6 +7,7 @@ from torch import nn
 
 from normlab.nn.attention import Attention
 from normlab.nn.mlp import SwiGLU
+from normlab.nn.moe import MoE, is_moe_layer
 from normlab.nn.norms import make_norm
 from normlab.nn.plan import LayerPlan
 
@@ -45,7 +46,10 @@ class Block(nn.Module):
         self.residual_scale = plan.residual_scale
         self.branch_scale = plan.branch_scale
         self.self_attn = Attention(cfg, plan.qk_norm, layer)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        if is_moe_layer(cfg, layer):  # the MoE FFN sits wherever the dense one does
+            self.mlp = MoE(cfg.d_model, cfg.moe_experts, cfg.moe_top_k, cfg.moe_ffn_hidden, cfg.moe_renormalize)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         for slot, (name, site) in SLOTS.items():  # a slot that is off is None (no module to call)
             on = getattr(plan, slot)
             setattr(self, name, make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, site=site, cfg=cfg)

@@ -14,6 +14,7 @@ from torch import nn
 from normlab.config import ModelConfig
 from normlab.nn.attention import KVCache
 from normlab.nn.backbone import Backbone
+from normlab.nn.moe import MoE
 from normlab.nn.norms import NORM_CLASSES
 from normlab.strategies import layer_plans
 
@@ -71,6 +72,21 @@ class NormLM(nn.Module):
             params.pop(id(self.model.embed_tokens.weight), None)
             params.pop(id(self.lm_head.weight), None)
         return sum(p.numel() for p in params.values())
+
+    def num_active_params(self) -> int:
+        """Parameters a token uses: all of them, less the (E - k) experts an MoE layer skips."""
+        skipped = sum((m.n_experts - m.top_k) * (m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
+                      for m in (b.mlp for b in self.model.layers) if isinstance(m, MoE))
+        return self.num_params() - skipped
+
+    def moe_losses(self) -> dict[str, torch.Tensor] | None:
+        """Mean over MoE layers of the last forward's load-balancing loss and router z-loss
+        (None for a dense model); the trainer adds them, weighted, to the next-token loss."""
+        layers = [b.mlp for b in self.model.layers if isinstance(b.mlp, MoE)]
+        if not layers:
+            return None
+        return {"load_balance": torch.stack([m.load_balance_loss for m in layers]).mean(),
+                "z_loss": torch.stack([m.z_loss for m in layers]).mean()}
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` (default max_seq_len) tokens."""
@@ -162,7 +178,10 @@ def init_weights(model: NormLM, seed: int = 0) -> None:
     - ``megatron``: as normal, o_proj and down_proj use sigma / sqrt(2L).
     - ``depth_scaled``: as normal, o_proj and down_proj of layer l use sigma / sqrt(2(l+1)).
     - ``deepnorm``: Xavier-normal with gain beta = (8L)^(-1/4) for v_proj, o_proj and the FFN,
-      gain 1 for q_proj and k_proj; embedding and head as normal.
+      gain 1 for q_proj, k_proj and an MoE router; embedding and head as normal.
+
+    MoE layers: the router and the stacked gate/up expert weights are input-side, the stacked
+    down projections output-side (Xavier per expert).
 
     Norm gains start at 1, LayerNorm biases at 0, DyT alpha / BHyT lambda at their configured
     values, the embedding scalar at sqrt(d); BHyT's c_attn is computed from the new weights.
@@ -175,30 +194,29 @@ def init_weights(model: NormLM, seed: int = 0) -> None:
         weight.copy_(_trunc_normal(weight.shape, std, gen))
 
     def xavier(weight: torch.Tensor, gain: float) -> None:
-        fan_out, fan_in = weight.shape
+        fan_out, fan_in = weight.shape[-2:]  # per expert for stacked expert weights
         normal(weight, gain * math.sqrt(2.0 / (fan_in + fan_out)))
 
     normal(model.model.embed_tokens.weight, sigma)
     for layer, block in enumerate(model.model.layers):
-        attn, mlp = block.self_attn, block.mlp
-        inputs = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
-        outputs = (attn.o_proj, mlp.down_proj)
+        attn = block.self_attn
+        router, ffn_in, ffn_out = _ffn_weights(block.mlp)
         if cfg.init == "deepnorm":
             beta = cfg.deepnorm_beta
-            for linear in (attn.q_proj, attn.k_proj):
-                xavier(linear.weight, 1.0)
-            for linear in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                xavier(linear.weight, beta)
+            for weight in (attn.q_proj.weight, attn.k_proj.weight, *router):
+                xavier(weight, 1.0)
+            for weight in (attn.v_proj.weight, attn.o_proj.weight, *ffn_in, *ffn_out):
+                xavier(weight, beta)
             continue
         out_std = {
             "normal": sigma,
             "megatron": sigma / math.sqrt(2 * n_layers),
             "depth_scaled": sigma / math.sqrt(2 * (layer + 1)),
         }[cfg.init]
-        for linear in inputs:
-            normal(linear.weight, sigma)
-        for linear in outputs:
-            normal(linear.weight, out_std)
+        for weight in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, *router, *ffn_in):
+            normal(weight, sigma)
+        for weight in (attn.o_proj.weight, *ffn_out):
+            normal(weight, out_std)
     if not cfg.tie_embeddings:
         normal(model.lm_head.weight, sigma)
     for module in model.modules():
@@ -207,6 +225,13 @@ def init_weights(model: NormLM, seed: int = 0) -> None:
     if model.model.embed_scale is not None:
         model.model.embed_scale.fill_(math.sqrt(cfg.d_model))
     model.refresh_bhyt_constants()
+
+
+def _ffn_weights(mlp: nn.Module) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """(router, input-side, output-side) weights of a dense SwiGLU or an MoE FFN, in draw order."""
+    if isinstance(mlp, MoE):
+        return (mlp.gate.weight,), (mlp.experts.gate_up_proj,), (mlp.experts.down_proj,)
+    return (), (mlp.gate_proj.weight, mlp.up_proj.weight), (mlp.down_proj.weight,)
 
 
 def _trunc_normal(shape: torch.Size, std: float, gen: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,9 @@ On a recording step the trainer writes one line to ``layers.jsonl``::
      "grad_norm": {"attn": [L], "ffn": [L], "norm": [L], "total": [L]},   # before clipping
      "residual_rms": [L+1],    # RMS of the residual stream entering each block, then leaving the last
      "residual_var": [L+1],    # variance over channels, averaged over tokens
-     "residual_absmax": [L+1]}
+     "residual_absmax": [L+1],
+     "expert_load": {"layer": [E]}}   # MoE models: share of routing assignments per expert
+
 
 Forward hooks are attached only for the recording step's first micro-batch, so other steps cost
 nothing.
@@ -97,5 +99,9 @@ class LayerRecorder:
         rms, var, absmax = (list(column) for column in zip(*probe.stats, strict=True))
         record = {"step": step, "grad_norm": layer_grad_norms(self.model), "residual_rms": rms,
                   "residual_var": var, "residual_absmax": absmax}
+        loads = {str(i): block.mlp.expert_load.tolist() for i, block in enumerate(self.model.model.layers)
+                 if getattr(block.mlp, "expert_load", None) is not None}
+        if loads:  # the last forward's routing: the recording step's last micro-batch
+            record["expert_load"] = loads
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")

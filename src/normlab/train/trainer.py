@@ -335,7 +335,7 @@ class Trainer:
         window_time, window_tokens = 0.0, 0  # tokens/s counts training, not eval or checkpoints
         while self.step < t.max_steps:
             started = time.perf_counter()
-            loss, grad_norm = self._train_step()
+            loss, grad_norm, moe = self._train_step()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > self.diverge_loss:
                 reason = (f"loss {loss:.4g} at step {self.step + 1}" if math.isfinite(grad_norm)
                           else f"gradient norm {grad_norm} at step {self.step + 1}")
@@ -360,7 +360,7 @@ class Trainer:
             if self.world.is_main and (record or self.step % t.log_every == 0 or last):
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
                           "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": window_tokens / max(window_time, 1e-9), **record}
+                          "tokens_per_s": window_tokens / max(window_time, 1e-9), **moe, **record}
                 self._log(record, bar)
                 window_time, window_tokens = 0.0, 0
             bar.update(1)
@@ -371,11 +371,15 @@ class Trainer:
                 return TrainResult("interrupted", self.step, "stopped by a signal; resume with --resume")
         return TrainResult("finished", self.step)
 
-    def _train_step(self) -> tuple[float, float]:
-        t = self.cfg.train
+    def _train_step(self) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step's gradients: (next-token loss, gradient norm before clipping, MoE
+        auxiliary losses). The objective adds moe_aux_loss_weight * load-balancing loss and
+        moe_z_loss_weight * router z-loss to the next-token loss for MoE models."""
+        t, m = self.cfg.train, self.cfg.model
         record = self.recorder.active(self.step + 1)
         probe = ResidualProbe(self.model)
         total = 0.0
+        moe_totals = {"moe_load_balance": 0.0, "moe_z_loss": 0.0}
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step * t.grad_accum + micro)
             sync = micro == t.grad_accum - 1 or not self.world.distributed  # DDP: all-reduce once
@@ -383,14 +387,23 @@ class Trainer:
                   contextlib.nullcontext() if sync else self.parallel.no_sync()):
                 logits = self.forward(x.to(self.device))
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
-                (loss / t.grad_accum).backward()
+                objective = loss
+                moe = self.model.moe_losses()
+                if moe is not None:
+                    objective = loss + m.moe_aux_loss_weight * moe["load_balance"] + m.moe_z_loss_weight * moe["z_loss"]
+                    moe_totals["moe_load_balance"] += moe["load_balance"].item() / t.grad_accum
+                    moe_totals["moe_z_loss"] += moe["z_loss"].item() / t.grad_accum
+                (objective / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
-        total = distributed.all_reduce_sum(self.world, [total])[0] / self.world.world_size
+        reduced = distributed.all_reduce_sum(self.world, [total, *moe_totals.values()])
+        total = reduced[0] / self.world.world_size
+        moe_logged = ({k: v / self.world.world_size for k, v in zip(moe_totals, reduced[1:], strict=True)}
+                      if self.cfg.model.moe_experts else {})
         if record:
             self.recorder.write(self.step + 1, probe)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        return total, grad_norm
+        return total, grad_norm, moe_logged
 
     def _log(self, record: dict[str, Any], bar: tqdm) -> None:
         self.run.append_metrics(record)
