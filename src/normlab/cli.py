@@ -27,15 +27,54 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from normlab.config import ModelConfig
+    from normlab.nn.model import meta_model
+    from normlab.presets import PRESETS
+
+    header = ("preset", "d", "layers", "heads/KV", "FFN", "experts", "params", "paper", "tokens", "source")
+    rows = []
+    for preset in PRESETS.values():
+        cfg = ModelConfig.from_preset(preset.name)
+        model = meta_model(cfg)
+        experts = f"{cfg.moe_top_k} of {cfg.moe_experts} x {cfg.moe_ffn_hidden}" if cfg.moe_experts else "—"
+        params = _count(model.num_params())
+        paper = _count(preset.paper_params) if preset.paper_params else "(name only)"
+        if cfg.moe_experts:
+            params += f" ({_count(model.num_active_params())} active)"
+            paper += f" ({_count(preset.paper_active_params)} active)"
+        rows.append((preset.name, str(cfg.d_model), str(cfg.n_layers), f"{cfg.n_heads}/{cfg.n_kv_heads}",
+                     str(cfg.ffn_hidden if not cfg.moe_experts else "—"), experts, params, paper,
+                     _count(preset.paper_tokens), preset.source))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if args.verbose:
+        for preset in PRESETS.values():
+            print(f"{preset.name}: strategy {preset.strategy}; configs/{preset.name}.yaml"
+                  + (f"; {preset.note}" if preset.note else ""))
+    return 0
+
+
+def _count(n: float) -> str:
+    """1e12 -> '1.00T', 1.3e9 -> '1.30B', 7.1e7 -> '71.0M'."""
+    for scale, unit in ((1e12, "T"), (1e9, "B")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n / 1e6:.1f}M"
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from normlab.config import ModelConfig, apply_overrides, load_yaml
-    from normlab.nn.model import build_model
+    from normlab.nn.model import meta_model
     from normlab.strategies import describe_plan
 
     data: dict = {}
     if args.config:
         data = load_yaml(args.config)
         data = data.get("model", data)
+    if args.preset:
+        data = {**data, "preset": args.preset}
     if args.strategy:
         data = {**data, "strategy": args.strategy}
     data = apply_overrides({"model": data}, args.overrides, sections=("model",))["model"]
@@ -44,7 +83,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
     print("# plan")
     for line in describe_plan(cfg).splitlines():
         print(f"#   {line}")
-    model = build_model(cfg)
+    model = meta_model(cfg)  # counts without allocating or initialising
     print(f"# parameters: {model.num_params():,} ({model.num_params(exclude_embeddings=True):,} "
           "without embeddings)")
     if cfg.moe_experts:
@@ -268,9 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help="print a resolved model config, its per-layer norm plan and parameter count"
     )
     p.add_argument("--config", help="YAML file (a run config with a 'model' section, or a model config)")
-    p.add_argument("--strategy", help="named strategy preset, e.g. hybridnorm_star")
+    p.add_argument("--preset", help="a paper's model size (normlab presets), e.g. hybridnorm-550m")
+    p.add_argument("--strategy", help="named strategy, e.g. hybridnorm_star (default: the preset's paper's, "
+                   "else the config's)")
     p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="field overrides")
     p.set_defaults(func=_cmd_model)
+
+    p = verbs.add_parser("presets", help="the papers' model sizes by name, with parameter counts",
+                         description="Every preset's sizes and its parameter count (counted on the meta "
+                         "device) beside the paper's. A preset names a model size; the strategy stays "
+                         "separate: normlab train --config configs/NAME.yaml model.strategy=pre_norm.")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show strategies, config files and notes")
+    p.set_defaults(func=_cmd_presets)
 
     p = verbs.add_parser("train", help="train one model; --resume continues a killed or stopped run",
                          description="Train one model into a run directory (config.yaml, "

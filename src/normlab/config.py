@@ -129,7 +129,8 @@ class ModelConfig:
     moe_aux_loss_weight: float = 0.01  # load-balancing loss weight
     moe_z_loss_weight: float = 0.001  # router z-loss weight
 
-    strategy: str | None = None  # the preset this config came from (informational)
+    strategy: str | None = None  # the named strategy this config came from (informational)
+    preset: str | None = None  # the paper's model size it came from (informational, normlab.presets)
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -144,11 +145,25 @@ class ModelConfig:
         return cls(**{**strategy_fields(name), **overrides, "strategy": name})
 
     @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A paper's model size (see ``normlab.presets.PRESETS``) under ``strategy`` (default: the
+        paper's own, e.g. hybridnorm_star for the HybridNorm sizes), any field overridden."""
+        from normlab.presets import PRESETS, preset_fields
+
+        fields_ = preset_fields(name)
+        strategy = overrides.pop("strategy", None) or PRESETS[name].strategy
+        return cls.from_strategy(strategy, **{**fields_, **overrides, "preset": name})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from plain data; a ``strategy`` key applies that preset first."""
+        """Build from plain data; a ``preset`` key applies that model size first, a ``strategy``
+        key that strategy."""
         if not isinstance(data, dict):
             raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
         data = dict(data)
+        preset = data.pop("preset", None)
+        if preset is not None:
+            return cls.from_preset(preset, **data)
         name = data.pop("strategy", None)
         if name is not None:
             return cls.from_strategy(name, **data)
@@ -253,6 +268,10 @@ class ModelConfig:
             from normlab.strategies import STRATEGIES
 
             check_choice("strategy", self.strategy, tuple(STRATEGIES))
+        if self.preset is not None:
+            from normlab.presets import PRESETS
+
+            check_choice("preset", self.preset, tuple(PRESETS))
         self.layer_overrides = self._normalized_overrides()
 
         # The plan validates combinations that only make sense per layer (e.g. BHyT needs Pre-Norm).

@@ -161,6 +161,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def meta_model(cfg: ModelConfig) -> NormLM:
+    """The model's structure on the meta device: shapes and parameter counts of any size, no
+    memory and no init."""
+    with torch.device("meta"):
+        return NormLM(cfg)
+
+
 def build_model(cfg: ModelConfig, seed: int = 0) -> NormLM:
     """Build and initialise a model. The init depends only on (cfg.init, sizes, seed): every
     linear layer draws from one generator in a fixed order, so two strategies with the same
