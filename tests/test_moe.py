@@ -220,3 +220,39 @@ def test_load_balance_loss_is_transformers_over_k():
     moe(x)
     theirs = load_balancing_loss_func((moe.gate(x),), E, K)
     assert moe.load_balance_loss.item() == pytest.approx(theirs.item() / K, rel=1e-5)
+
+
+def test_tiny_moe_config_trains_and_diagnoses(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from normlab.config import RunConfig
+    from normlab.data import TokenShards, eval_batches
+    from normlab.diagnostics import diagnose
+    from normlab.train.saved import load_run
+    from normlab.train.trainer import load_data, train
+
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-moe.yaml"
+    raw = RunConfig.load(config, ["model.d_model=32", "model.n_layers=2", "model.moe_ffn_hidden=32",
+                                  "train.max_steps=4", "train.save_every=2", "train.eval_every=2",
+                                  "train.eval_batches=1", "train.batch_size=4", "train.seq_len=32",
+                                  "model.max_seq_len=32", "train.warmup_steps=0", "train.lr=1e-2"])
+    assert raw["model"]["moe_experts"] == 8
+    run = tmp_path / "moe"
+    assert train(raw, run, progress=False).status == "finished"
+    result = diagnose(run, tmp_path / "diag", batches=1, progress=False)
+    assert result["moe_reference_step"] == 2
+    routing = result["moe_routing"]
+    assert [r["layer"] for r in routing] == [0, 1]
+    saved = load_run(run)
+    shard_dir, _ = load_data(saved.config.data, False)
+    x, _ = next(iter(eval_batches(TokenShards(shard_dir, "val"), 4, 32, 1)))  # diagnose's batch
+    with torch.no_grad():
+        saved.model(x)
+    for row, block in zip(routing, saved.model.model.layers, strict=True):
+        assert row["load"] == pytest.approx(block.mlp.expert_load.tolist())  # the same batch, routed alike
+        assert 0 < row["entropy_normalized"] <= 1 and 0 <= row["top1_changed"] <= 1
+    same = diagnose(run, tmp_path / "diag2", batches=1, progress=False, reference_step=4)["moe_routing"]
+    assert all(r["top1_changed"] == 0 for r in same)
+    assert "moe_routing.png" in json.loads((tmp_path / "diag" / "diagnostics.json").read_text())["plots"]

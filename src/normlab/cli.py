@@ -161,7 +161,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--batches: expected a positive integer, got {args.batches}")
     diagnose(args.run, args.out, data=args.data, step=args.checkpoint, batches=args.batches,
-             progress=not args.quiet)
+             progress=not args.quiet, reference_step=args.reference)
     print(f"diagnostics: {args.out}/summary.md (numbers in diagnostics.json)")
     return 0
 
@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnose", help="layer diagnostics of a trained run (gradients, activations, angular distance, ...)",
         description="Gradient norm per layer (attention / FFN / norm), residual-stream RMS and "
         "variance entering each layer, angular distance d(l, l+n), layer drop, norm input/output "
-        "curves with tanh saturation, and for BHyT the approximated vs exact FFN-site statistic. "
+        "curves with tanh saturation, for BHyT the approximated vs exact FFN-site statistic, and for MoE "
+        "models expert load, router entropy and top-1 changes since an earlier checkpoint. "
         "Writes diagnostics.json, PNG plots and summary.md into --out.")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory written by normlab train or compare")
     p.add_argument("--out", required=True, help="output directory")
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenized with the run's tokenizer")
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
     p.add_argument("--batches", type=int, default=4, help="validation batches (default: %(default)s)")
+    p.add_argument("--reference", type=int, metavar="STEP", help="MoE: checkpoint the routing is compared "
+                   "with (default: the one before --checkpoint)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_diagnose)
 

@@ -15,14 +15,17 @@ from tqdm import tqdm
 from normlab.compare.plots import save
 from normlab.data import TokenShards, eval_batches, prepare_or_load
 from normlab.diagnostics import figures, measures
-from normlab.train.checkpoint import atomic_write_text
+from normlab.train.checkpoint import atomic_write_text, list_checkpoints
+from normlab.train.rundir import RunDir
 from normlab.train.saved import load_run
 from normlab.train.trainer import cache_root, load_data
 
 
 def diagnose(run_dir: str | Path, out: str | Path, data: str | None = None, step: int | None = None,
-             batches: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Compute every diagnostic on ``batches`` validation batches and write the outputs."""
+             batches: int = 4, progress: bool = True, reference_step: int | None = None) -> dict[str, Any]:
+    """Compute every diagnostic on ``batches`` validation batches and write the outputs. MoE
+    routing changes are measured against checkpoint ``reference_step`` (default: the one
+    before ``step``, when the run kept one)."""
     out = Path(out)
     saved = load_run(run_dir, step)
     cfg, model, step = saved.config, saved.model, saved.step
@@ -61,6 +64,10 @@ def diagnose(run_dir: str | Path, out: str | Path, data: str | None = None, step
     result["bhyt_statistic"] = measures.bhyt_statistic_check(model, val)
     advance("bhyt")
     steps.close()
+    if cfg.model.moe_experts:
+        reference = _reference_checkpoint(run_dir, step, reference_step)
+        result["moe_reference_step"] = reference.step if reference is not None else None
+        result["moe_routing"] = measures.moe_routing(model, val, reference.model if reference else None)
 
     plots = {
         "gradient_norms.png": figures.gradient_norms(result["gradient_norms"]),
@@ -71,11 +78,23 @@ def diagnose(run_dir: str | Path, out: str | Path, data: str | None = None, step
     }
     if result["bhyt_statistic"]:
         plots["bhyt_statistic.png"] = figures.bhyt_check(result["bhyt_statistic"])
+    if result.get("moe_routing"):
+        plots["moe_routing.png"] = figures.moe_routing(result["moe_routing"])
     out.mkdir(parents=True, exist_ok=True)
     result["plots"] = [save(fig, out / name).name for name, fig in plots.items()]
     atomic_write_text(out / "diagnostics.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(out / "summary.md", summary_markdown(result))
     return result
+
+
+def _reference_checkpoint(run_dir, step: int, reference_step: int | None):
+    """The run at ``reference_step``, or at its newest checkpoint before ``step``; None if none."""
+    if reference_step is None:
+        earlier = [c.step for c in list_checkpoints(RunDir(run_dir).checkpoints) if c.step < step]
+        if not earlier:
+            return None
+        reference_step = earlier[-1]
+    return load_run(run_dir, reference_step)
 
 
 def summary_markdown(r: dict[str, Any]) -> str:
@@ -101,5 +120,13 @@ def summary_markdown(r: dict[str, Any]) -> str:
         lines += ["", "| layer | c_attn | approx / exact | Pearson r |", "|---|---|---|---|"]
         lines += [f"| {b['layer']} | {b['c_attn']:.3g} | {b['ratio']:.3f} | {b['pearson_r']:.3f} |"
                   for b in r["bhyt_statistic"]]
+    if r.get("moe_routing"):
+        since = r["moe_reference_step"]
+        lines += ["", "| MoE layer | busiest expert | idlest expert | router entropy / ln E | "
+                  f"top-1 changed since step {'—' if since is None else since} |", "|---|---|---|---|---|"]
+        for m in r["moe_routing"]:
+            changed = "—" if m["top1_changed"] is None else f"{m['top1_changed']:.1%}"
+            lines.append(f"| {m['layer']} | {max(m['load']):.1%} | {min(m['load']):.1%} | "
+                         f"{m['entropy_normalized']:.3f} | {changed} |")
     lines += ["", *[f"![{name}]({name})" for name in r["plots"]]]
     return "\n".join(lines) + "\n"

@@ -123,6 +123,26 @@ def bhyt_check(rows: list[dict]) -> plt.Figure:
     return fig
 
 
+def moe_routing(rows: list[dict]) -> plt.Figure:
+    """Expert load per layer (heat-map) and router entropy per layer."""
+    with plt.rc_context(STYLE):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1.6, 1]})
+        loads = np.array([r["load"] for r in rows])
+        image = left.imshow(loads, aspect="auto", cmap="viridis", vmin=0)
+        left.set(title="Expert load (share of routing assignments)", xlabel="expert", ylabel="MoE layer",
+                 yticks=range(len(rows)), yticklabels=[str(r["layer"]) for r in rows])
+        fig.colorbar(image, ax=left, fraction=0.046)
+        layers = [r["layer"] for r in rows]
+        right.plot(layers, [r["entropy_normalized"] for r in rows], marker="o", label="router entropy / ln E")
+        if rows[0]["top1_changed"] is not None:
+            right.plot(layers, [r["top1_changed"] for r in rows], marker="s", label="top-1 changed since reference")
+        right.set(title="Routing", xlabel="layer", ylim=(0, 1.05))
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.legend()
+        fig.tight_layout()
+    return fig
+
+
 def stability_maps(grid: dict, strategies: list[str], depths: list[int], lrs: list[float]) -> plt.Figure:
     """One heat-map per strategy: final validation loss over (depth, lr); diverged cells hatched
     and marked with a cross."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.nn.model import NormLM
+from normlab.nn.moe import MoE
 from normlab.nn.norms import BHyT, DyT
 from normlab.train.callbacks import layer_grad_norms
 
@@ -204,4 +205,43 @@ def bhyt_statistic_check(model: NormLM, batches: Batches) -> list[dict] | None:
         rows.append({"layer": layer, "c_attn": model.model.layers[layer].c_attn.item(),
                      "mean_approx": a.mean().item(), "mean_exact": e.mean().item(),
                      "ratio": (a / e).mean().item(), "pearson_r": corr})
+    return rows
+
+
+@torch.no_grad()
+def moe_routing(model: NormLM, batches: Batches, reference: NormLM | None = None) -> list[dict] | None:
+    """Per MoE layer on the batches: ``load`` = share of the N*k routing assignments each expert
+    gets, ``entropy`` = mean over tokens of H(p) = -sum_e p_e ln p_e of the router
+    probabilities (and divided by ln E), and with a ``reference`` model (another checkpoint of
+    the run) ``top1_changed`` = share of tokens whose top-1 expert differs. None when the model
+    has no MoE layer."""
+    def router_logits(m: NormLM) -> dict[int, torch.Tensor]:
+        captured: dict[int, list[torch.Tensor]] = {}
+        handles = [block.mlp.gate.register_forward_hook(
+                       lambda mod, args, out, layer=layer: captured.setdefault(layer, []).append(out.float()))
+                   for layer, block in enumerate(m.model.layers) if isinstance(block.mlp, MoE)]
+        try:
+            for x, _ in batches:
+                m(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {layer: torch.cat(parts) for layer, parts in captured.items()}
+
+    logits = router_logits(model)
+    if not logits:
+        return None
+    before = router_logits(reference) if reference is not None else {}
+    rows = []
+    for layer, z in logits.items():
+        moe = model.model.layers[layer].mlp
+        probs = z.softmax(-1)
+        chosen = probs.topk(moe.top_k, -1).indices.flatten()
+        load = torch.bincount(chosen, minlength=moe.n_experts).float() / chosen.numel()
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean().item()
+        row = {"layer": layer, "load": load.tolist(), "entropy": entropy,
+               "entropy_normalized": entropy / math.log(moe.n_experts), "top1_changed": None}
+        if layer in before:
+            row["top1_changed"] = (before[layer].argmax(-1) != z.argmax(-1)).float().mean().item()
+        rows.append(row)
     return rows
