@@ -254,3 +254,39 @@ def test_tiny_moe_config_trains_and_diagnoses(tmp_path, monkeypatch):
     same = diagnose(run, tmp_path / "diag2", batches=1, progress=False, reference_step=4)["moe_routing"]
     assert all(r["top1_changed"] == 0 for r in same)
     assert "moe_routing.png" in json.loads((tmp_path / "diag" / "diagnostics.json").read_text())["plots"]
+
+
+def test_olmoe_exports_as_stock_and_imports_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from normlab import ModelConfig, build_model, from_hf
+    from normlab.data import ByteTokenizer
+    from normlab.hf import export, stock_family
+
+    sizes = {**MOE_SIZES, "vocab_size": 257}
+    assert stock_family(ModelConfig.from_strategy("pre_norm", **sizes))[0] is None  # Llama has no experts
+    assert stock_family(ModelConfig.from_strategy("qk_norm", qk_norm_scope="full", moe_layers=[1], **sizes))[0] is None
+    cfg = ModelConfig.from_strategy("qk_norm", qk_norm_scope="full", rope_theta=500.0, norm_eps=1e-4, **sizes)
+    model = build_model(cfg, seed=6).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)  # norm gains away from 1 so that a skipped norm would show
+    assert export(model, tmp_path / "olmoe", ByteTokenizer(), format="stock") == "stock"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "olmoe").eval()
+    assert type(loaded).__name__ == "OlmoeForCausalLM"
+    ids = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+        assert torch.equal(loaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False), model.generate(ids[:1, :4], 6))
+
+    for renormalize, tied in ((False, False), (True, True)):
+        config = transformers.OlmoeConfig(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                          num_experts_per_tok=2, norm_topk_prob=renormalize,
+                                          tie_word_embeddings=tied, max_position_embeddings=64)
+        theirs = transformers.OlmoeForCausalLM(config).eval()
+        ours = from_hf(theirs)
+        assert (ours.config.moe_experts, ours.config.moe_renormalize, ours.config.tie_embeddings) == (4, renormalize, tied)
+        x = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=1e-5)

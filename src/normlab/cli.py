@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export-hf", help="write a run's model as a Hugging Face model directory",
         description="Write model.safetensors, config.json, generation_config.json, tokenizer.json "
         "and tokenizer_config.json into OUT_DIR. auto: a stock transformers class (Llama, Qwen3, "
-        "OLMo-2) when it computes exactly the same function, else custom code "
+        "OLMo-2, OLMoE) when it computes exactly the same function, else custom code "
         "(modeling_normlab.py: load with trust_remote_code=True). OUT_DIR must be new, empty or a "
         "previous export, which is replaced.")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory written by normlab train or import-hf")
@@ -446,10 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export_hf)
 
     p = verbs.add_parser(
-        "import-hf", help="make a normlab run of a Hugging Face Llama, Qwen3 or OLMo-2 model",
+        "import-hf", help="make a normlab run of a Hugging Face Llama, Qwen3, OLMo-2 or OLMoE model",
         description="Read a Hugging Face model directory (config.json, weights, tokenizer.json) and "
         "write a normlab run directory with the same logits: llama -> pre_norm, qwen3 -> qk_norm, "
-        "olmo2 -> output_norm. Features normlab cannot represent (RoPE scaling, biases, sliding "
+        "olmo2 -> output_norm, olmoe -> qk_norm (full width) with experts. Features normlab cannot represent (RoPE scaling, biases, sliding "
         "windows) are refused. Needs transformers (pip install 'normlab[hf]').")
     p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory")
     p.add_argument("out_run", metavar="OUT_RUN", help="new run directory")

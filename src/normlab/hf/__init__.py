@@ -1,6 +1,6 @@
 """The Hugging Face bridge: ``export`` / ``export_run`` write a normlab model as a transformers
-model (a stock Llama / Qwen3 / OLMo-2 class where one is exact, else bundled custom code);
-``from_hf`` / ``import_run`` read Llama, Qwen3 and OLMo-2 models back. transformers is imported
+model (a stock Llama / Qwen3 / OLMo-2 / OLMoE class where one is exact, else bundled custom
+code); ``from_hf`` / ``import_run`` read Llama, Qwen3, OLMo-2 and OLMoE models back. transformers is imported
 only inside the functions that need it (``pip install 'normlab[hf]'``)."""
 
 from normlab.hf.export import export, export_run, stock_family

@@ -47,13 +47,16 @@ BUNDLED_MODULES = ("normlab.nn.plan", "normlab.nn.norms", "normlab.nn.attention"
 
 @dataclass(frozen=True)
 class StockFamily:
-    """A transformers architecture that computes exactly what the normlab ``strategy`` computes;
-    ``renames`` maps normlab module names to the family's."""
+    """A transformers architecture that computes exactly what the normlab ``strategy`` computes
+    with QK-norm over ``qk_norm_scope`` and, for ``moe`` families, a mixture of experts in every
+    layer; ``renames`` maps normlab module names to the family's."""
 
     architecture: str
     model_type: str
     strategy: str
     renames: dict[str, str] = dataclasses.field(default_factory=dict)
+    qk_norm_scope: str = "head"
+    moe: bool = False
 
     def hf_name(self, name: str) -> str:
         """A normlab state-dict key as this family names it."""
@@ -69,7 +72,8 @@ STOCK_FAMILIES = (
     StockFamily("LlamaForCausalLM", "llama", "pre_norm"),
     StockFamily("Qwen3ForCausalLM", "qwen3", "qk_norm"),
     StockFamily("Olmo2ForCausalLM", "olmo2", "output_norm",
-                {"attn_output_layernorm": "post_attention_layernorm"}),
+                {"attn_output_layernorm": "post_attention_layernorm"}, qk_norm_scope="full"),
+    StockFamily("OlmoeForCausalLM", "olmoe", "qk_norm", qk_norm_scope="full", moe=True),
 )
 
 
@@ -82,18 +86,22 @@ def stock_family(cfg: ModelConfig) -> tuple[StockFamily | None, str]:
         return None, f"norm '{cfg.norm}' with final norm '{cfg.final_norm}' (stock classes use RMSNorm)"
     if cfg.embed_scale:
         return None, "the embedding output is scaled (stock classes do not scale it)"
+    if cfg.moe_experts and cfg.moe_layers is not None:
+        return None, "dense and MoE layers are interleaved (moe_layers); stock OLMoE has MoE everywhere"
     plans = set(layer_plans(cfg))
     for family in STOCK_FAMILIES:
-        preset = ModelConfig.from_strategy(family.strategy, n_layers=1)
-        (plan,) = layer_plans(preset)
+        if family.moe != bool(cfg.moe_experts):
+            continue
+        (plan,) = layer_plans(ModelConfig.from_strategy(family.strategy, n_layers=1))
         same_qk = plan.qk_norm == "none" or (cfg.qk_norm_scope, cfg.qk_norm_type) == (
-            preset.qk_norm_scope, preset.qk_norm_type)
+            family.qk_norm_scope, "rmsnorm")
         if plans == {plan} and same_qk:
             return family, ""
     plan = "; ".join(describe_plan(cfg).splitlines())
     return None, (f"no stock class has the layer plan ({plan}; QK-norm scope {cfg.qk_norm_scope}, type "
-                  f"{cfg.qk_norm_type}); stock: Llama = pre, Qwen3 = pre + per-head QK-norm, "
-                  "OLMo-2 = output + full-width QK-norm")
+                  f"{cfg.qk_norm_type}{', MoE' if cfg.moe_experts else ''}); stock: Llama = pre, Qwen3 = "
+                  "pre + per-head QK-norm, OLMo-2 = output + full-width QK-norm, OLMoE = pre + "
+                  "full-width QK-norm + MoE")
 
 
 def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
@@ -110,6 +118,11 @@ def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} ids but the model "
                           f"only {cfg.vocab_size}")
     family, reason = stock_family(cfg) if format != "custom" else (None, "")
+    moe = {}
+    if family is not None and family.moe:
+        moe = {"intermediate_size": cfg.moe_ffn_hidden, "num_experts": cfg.moe_experts,
+               "num_experts_per_tok": cfg.moe_top_k, "norm_topk_prob": cfg.moe_renormalize,
+               "router_aux_loss_coef": cfg.moe_aux_loss_weight, "clip_qkv": None}
     if format == "stock" and family is None:
         raise ConfigError(f"format 'stock': {reason}; use format 'custom' or 'auto'")
     hf_tokenizer = tokenizer.hf_tokenizer()
@@ -120,7 +133,7 @@ def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
         weights = model.state_dict()
     else:
         config = {"architectures": [family.architecture], "model_type": family.model_type,
-                  **_standard_config(model, tokenizer.eos_id)}
+                  **_standard_config(model, tokenizer.eos_id), **moe}
         weights = {family.hf_name(k): v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight")  # transformers ties it to model.embed_tokens.weight

@@ -34,13 +34,13 @@ def require_transformers() -> Any:
 
 
 def from_hf(source: Any) -> NormLM:
-    """A normlab model (eval mode, fp32) whose logits equal those of a Llama, Qwen3 or OLMo-2
-    model: a transformers model object, or a directory that ``from_pretrained`` reads."""
+    """A normlab model (eval mode, fp32) whose logits equal those of a Llama, Qwen3, OLMo-2 or
+    OLMoE model: a transformers model object, or a directory that ``from_pretrained`` reads."""
     return _load(source)[0]
 
 
 def model_config_from_hf(hf_config: Any) -> ModelConfig:
-    """The normlab ModelConfig of a transformers Llama / Qwen3 / OLMo-2 config: hidden_size ->
+    """The normlab ModelConfig of a transformers Llama / Qwen3 / OLMo-2 / OLMoE config: hidden_size ->
     d_model, num_hidden_layers -> n_layers, num_attention_heads -> n_heads, num_key_value_heads ->
     n_kv_heads, intermediate_size -> ffn_hidden, max_position_embeddings -> max_seq_len,
     rope_theta, rms_norm_eps -> norm_eps, tie_word_embeddings -> tie_embeddings."""
@@ -49,6 +49,12 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
     if feature is not None:
         raise ConfigError(f"{family.architecture}: {feature} cannot be represented in normlab")
     heads = hf_config.num_attention_heads
+    moe = {}
+    if family.moe:  # OLMoE: intermediate_size is each expert's width
+        moe = {"moe_experts": hf_config.num_experts, "moe_top_k": hf_config.num_experts_per_tok,
+               "moe_ffn_hidden": hf_config.intermediate_size,
+               "moe_renormalize": bool(hf_config.norm_topk_prob),
+               "moe_aux_loss_weight": float(getattr(hf_config, "router_aux_loss_coef", 0.01))}
     return ModelConfig.from_strategy(
         family.strategy, vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size,
         n_layers=hf_config.num_hidden_layers, n_heads=heads,
@@ -56,6 +62,7 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         ffn_hidden=hf_config.intermediate_size, max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(_rope(hf_config)["rope_theta"]), norm_eps=float(hf_config.rms_norm_eps),
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qk_norm_scope=family.qk_norm_scope, **moe,
     )
 
 
@@ -151,6 +158,7 @@ def _unsupported_feature(hf_config: Any) -> str | None:
         (bool(getattr(hf_config, "use_sliding_window", False))
          or getattr(hf_config, "sliding_window", None) is not None
          or any(kind != "full_attention" for kind in layer_types), "sliding-window attention"),
+        (getattr(hf_config, "clip_qkv", None) is not None, "clipped Q/K/V (clip_qkv)"),
         (head_dim != hidden // heads,
          f"head_dim {head_dim} (normlab's is hidden_size / num_attention_heads = {hidden // heads})"),
     )
