@@ -27,6 +27,8 @@ def test_bench_reports_ratios(tmp_path, capsys):
                        strategies=["pre_norm", "bhyt"], out=tmp_path / "bench.json")
     assert result["strategies"]["pre_norm"]["ratio_to_pre_norm"] == 1.0
     assert result["norms"]["rmsnorm"]["ratio_to_rmsnorm"] == 1.0
+    moe = result["moe"]["active_params"]
+    assert moe["moe"] - moe["dense"] == 8 * 32  # the router (8 experts x d 32, 1 layer) is the only extra
     assert set(result["norms"]) == {"rmsnorm", "layernorm", "dyt", "bhyt_star"}
     if pytest.importorskip("transformers"):
         assert result["vs_transformers"]["train_ratio"] > 0

@@ -290,3 +290,22 @@ def test_olmoe_exports_as_stock_and_imports_back(tmp_path):
         x = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(8))
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_runs_moe_models(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from normlab.compare import compare, parse_variants
+    from normlab.config import RunConfig
+
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-moe.yaml"
+    raw = RunConfig.load(config, ["train.max_steps=3", "train.eval_every=3", "train.eval_batches=1",
+                                  "model.n_layers=2", "train.warmup_steps=0"])
+    _, statuses = compare(raw, parse_variants("pre_norm,hybridnorm_star"), [0], tmp_path / "out", progress=False)
+    assert set(statuses.values()) == {"finished"}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert all(e["val_loss"]["n"] == 1 for e in summary["strategies"].values())
+    metrics = (tmp_path / "out" / "runs" / "hybridnorm_star-s0" / "metrics.jsonl").read_text()
+    assert "moe_load_balance" in metrics

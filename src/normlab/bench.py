@@ -155,6 +155,26 @@ def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: in
             "ratio": times["normlab"] / times["lm-eval"]}
 
 
+def bench_moe(cfg: ModelConfig, ids: torch.Tensor, rounds: int, experts: int = 8, top_k: int = 2) -> dict[str, Any]:
+    """Train step of an MoE model (``experts`` experts, top-``top_k``, each ffn_hidden / top_k
+    wide) against the dense model with the same active parameters (one FFN of ffn_hidden)."""
+    hidden = cfg.ffn_hidden // top_k
+    dense = build_model(cfg).to(ids.device)
+    moe = build_model(cfg.replace(moe_experts=experts, moe_top_k=top_k, moe_ffn_hidden=hidden)).to(ids.device)
+
+    def moe_step() -> None:
+        logits = moe(ids)
+        losses = moe.moe_losses()
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        (loss + 0.01 * losses["load_balance"] + 0.001 * losses["z_loss"]).backward()
+        moe.zero_grad(set_to_none=True)
+
+    times = interleaved({"dense": _train_step(dense, ids, lambda m, x: m(x)), "moe": moe_step}, rounds, 1)
+    return {"seconds": times, "experts": experts, "top_k": top_k, "expert_hidden": hidden,
+            "active_params": {"dense": dense.num_active_params(), "moe": moe.num_active_params()},
+            "ratio": times["moe"] / times["dense"]}
+
+
 def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: list[str]) -> dict[str, float]:
     """Train-step time of each strategy (same sizes) in seconds."""
     steps = {}
@@ -222,6 +242,9 @@ def run_bench(d_model: int = 256, n_layers: int = 4, n_heads: int = 4, seq_len: 
         _say(f"\nmultiple-choice scoring, {scoring['items']} {scoring['data']} items ({scoring['choices']} choices), "
              f"{scoring['tokenizer']}, batch {scoring['batch_size']}: normlab evaluate / lm-eval hf = {scoring['ratio']:.3f} "
              f"({scoring['seconds']['normlab']:.2f} s vs {scoring['seconds']['lm-eval']:.2f} s)")
+    moe = result["moe"] = bench_moe(cfg, ids, rounds)
+    _say(f"\nMoE train step ({moe['experts']} experts, top-{moe['top_k']}, width {moe['expert_hidden']}) / dense "
+         f"step with the same active parameters = {moe['ratio']:.3f}")
     steps = bench_strategies(cfg, ids, rounds, names)
     base = steps.get("pre_norm", next(iter(steps.values())))
     result["strategies"] = {n: {"seconds": t, "ratio_to_pre_norm": t / base} for n, t in steps.items()}
