@@ -150,7 +150,7 @@ def test_custom_config_holds_the_model_config_plans_and_standard_names(tmp_path)
 def test_modeling_file_is_normlab_source_importing_only_torch_transformers_stdlib(tmp_path):
     export(_model("bhyt"), tmp_path / "out", ByteTokenizer())
     source = (tmp_path / "out" / "modeling_normlab.py").read_text()
-    for function in (Block.forward, Block.bhyt_attention_half, Backbone.forward):
+    for function in (Block.forward, Block.shared_statistic_attention, Backbone.forward):
         assert inspect.getsource(function) in source
     imported = set()
     for node in ast.walk(ast.parse(source)):

@@ -36,10 +36,7 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-NORM_TYPES = ("rmsnorm", "layernorm", "dyt", "bhyt", "bhyt_star", "none")
-PLACEMENTS = ("pre", "post", "peri", "output", "deepnorm", "mixln", "hybrid", "hybrid_star", "lns")
-#: Placements a single layer can take in ``layer_overrides`` (the schedules are built from these).
-LAYER_PLACEMENTS = ("pre", "post", "peri", "output", "hybrid")
+# Norm types, placements and strategies are registries (normlab.nn.registry, normlab.strategies).
 QK_NORMS = ("none", "qk", "qkv")
 QK_NORM_SCOPES = ("head", "full")
 INIT_SCHEMES = ("normal", "megatron", "depth_scaled", "deepnorm")
@@ -200,23 +197,27 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"d_model: head size {self.head_dim} must be even for RoPE")
 
-        check_choice("norm", self.norm, NORM_TYPES)
-        check_choice("placement", self.placement, PLACEMENTS)
+        # Imported here: the registries' modules import this one.
+        from normlab.nn.registry import NORMS
+        from normlab.strategies import PLACEMENTS
+
+        check_choice("norm", self.norm, tuple(NORMS))
+        check_choice("placement", self.placement, tuple(PLACEMENTS))
+        placement = PLACEMENTS[self.placement]
         if self.qk_norm is None:
-            self.qk_norm = {"hybrid": "qkv", "hybrid_star": "qkv", "output": "qk"}.get(
-                self.placement, "none"
-            )
+            self.qk_norm = placement.qk_norm
         check_choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.qk_norm_scope is None:
-            self.qk_norm_scope = "full" if self.placement == "output" else "head"
+            self.qk_norm_scope = placement.qk_norm_scope
         check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
-        stat_coupled = self.norm in ("bhyt", "bhyt_star", "none")
+        # A slots-only type (BHyT) and 'none' leave the QK-norm to RMSNorm; slots-only also the final norm.
+        inner = tuple(name for name, cls in NORMS.items() if not getattr(cls, "slots_only", False))
         if self.qk_norm_type is None:
-            self.qk_norm_type = "rmsnorm" if stat_coupled else self.norm
-        check_choice("qk_norm_type", self.qk_norm_type, ("rmsnorm", "layernorm", "dyt"))
+            self.qk_norm_type = self.norm if self.norm in inner and self.norm != "none" else "rmsnorm"
+        check_choice("qk_norm_type", self.qk_norm_type, tuple(name for name in inner if name != "none"))
         if self.final_norm is None:
-            self.final_norm = "rmsnorm" if self.norm in ("bhyt", "bhyt_star") else self.norm
-        check_choice("final_norm", self.final_norm, ("rmsnorm", "layernorm", "dyt", "none"))
+            self.final_norm = self.norm if self.norm in inner else "rmsnorm"
+        check_choice("final_norm", self.final_norm, inner)
         check_choice("init", self.init, INIT_SCHEMES)
 
         _check_float("mixln_alpha", self.mixln_alpha)
@@ -272,7 +273,9 @@ class ModelConfig:
                         f"allowed: {', '.join(LAYER_OVERRIDE_KEYS)}"
                     )
                 if name == "placement":
-                    check_choice(where, value, LAYER_PLACEMENTS)
+                    from normlab.strategies import layer_placements
+
+                    check_choice(where, value, layer_placements())
                 elif name == "qk_norm":
                     check_choice(where, value, QK_NORMS)
                 else:

@@ -41,7 +41,7 @@ FORMATS = ("auto", "stock", "custom")
 WEIGHTS_FILE, CONFIG_FILE, MODELING_FILE = "model.safetensors", "config.json", "modeling_normlab.py"
 
 #: normlab modules whose source forms ``modeling_normlab.py``, in dependency order
-BUNDLED_MODULES = ("normlab.nn.plan", "normlab.nn.norms", "normlab.nn.attention", "normlab.nn.mlp",
+BUNDLED_MODULES = ("normlab.errors", "normlab.nn.registry", "normlab.nn.plan", "normlab.nn.norms", "normlab.nn.attention", "normlab.nn.mlp",
                    "normlab.nn.block", "normlab.nn.backbone", "normlab.hf.modeling_template")
 
 
