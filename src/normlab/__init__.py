@@ -14,6 +14,7 @@ from normlab.hf import from_hf
 from normlab.nn.model import CausalLMOutput, NormLM, build_model
 from normlab.nn.plan import LayerPlan
 from normlab.nn.registry import register_norm
+from normlab.plugins import load_plugins
 from normlab.strategies import (
     STRATEGIES,
     layer_plans,
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STRATEGIES", "CausalLMOutput", "CheckpointError", "ConfigError", "DataError", "LayerPlan",
-    "ModelConfig", "NormLM", "NormlabError", "build_model", "from_hf", "layer_plans",
+    "ModelConfig", "NormLM", "NormlabError", "build_model", "from_hf", "layer_plans", "load_plugins",
     "plan_for", "register_norm", "register_placement", "register_strategy",
 ]

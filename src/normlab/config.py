@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from normlab.errors import ConfigError
+from normlab.plugins import check_specs, load_plugins, resolve
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -461,23 +462,28 @@ class TrainConfig:
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every",
                           "keep_last", "compile", "device", "record_every")
 SECTIONS = ("model", "data", "train")
+#: top-level keys of a run YAML: the sections and the plugin list
+TOP_LEVEL_KEYS = (*SECTIONS, "plugins")
 
 
 @dataclass
 class RunConfig:
-    """One YAML with sections ``model``, ``data``, ``train``. ``model.vocab_size`` left out is
-    taken from the tokenizer."""
+    """One YAML with sections ``model``, ``data``, ``train`` and an optional ``plugins`` list
+    (files or modules that register norm types, placements, strategies; see normlab.plugins).
+    ``model.vocab_size`` left out is taken from the tokenizer."""
 
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], vocab_size: int | None = None) -> RunConfig:
         for key in data:
-            if key not in SECTIONS:
-                raise ConfigError(f"{key}: unknown section{did_you_mean(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
-        sections = {}
+            if key not in TOP_LEVEL_KEYS:
+                raise ConfigError(f"{key}: unknown section{did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                                  f"top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+        sections: dict[str, Any] = {"plugins": load_plugins(data.get("plugins"))}
         for name, section_cls in (("data", DataConfig), ("train", TrainConfig)):
             values = data.get(name) or {}
             if not isinstance(values, dict):
@@ -494,14 +500,23 @@ class RunConfig:
         return cls(**sections)
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-        """The raw (unresolved) sections of a YAML file with dotted overrides applied."""
+    def load(cls, path: str | Path | None, overrides: list[str] = (),
+             plugins: list[str] = ()) -> dict[str, Any]:
+        """The raw (unresolved) sections of a YAML file with dotted overrides applied, and its
+        plugins (paths relative to the YAML file) plus ``plugins`` (relative to the working
+        directory) loaded and listed under ``plugins``."""
         data = load_yaml(path) if path is not None else {}
-        return apply_overrides(data, list(overrides), SECTIONS)
+        data = apply_overrides(data, list(overrides), SECTIONS)
+        base = Path(path).parent if path is not None else None
+        specs = [resolve(spec, base) for spec in check_specs(data.get("plugins"))]
+        specs = load_plugins(list(dict.fromkeys(specs + [resolve(spec) for spec in plugins])))
+        if specs:
+            data["plugins"] = specs
+        return data
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+        return {"plugins": list(self.plugins), "model": self.model.to_dict(),
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
