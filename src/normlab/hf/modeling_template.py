@@ -23,6 +23,14 @@ from normlab.nn.plan import LayerPlan
 from normlab.nn.registry import is_norm
 
 
+def register_placement(*args, **kwargs) -> None:
+    """Stands in for normlab's: an exported model reads its layer plans from config.json, so a
+    plugin's placements and strategies register nothing here (its norm types do)."""
+
+
+register_strategy = register_placement
+
+
 class NormlabConfig(PretrainedConfig):
     """Every normlab ``ModelConfig`` field (``d_model``, ``norm``, ``placement``, ...), ``head_dim``
     and ``layer_plans`` (one ``LayerPlan`` dict per layer), read as attributes by the bundled
