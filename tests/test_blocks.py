@@ -10,7 +10,7 @@ import torch
 import reference as ref
 from normlab import ModelConfig, build_model, layer_plans
 from normlab.nn.attention import rope_tables
-from normlab.nn.norms import NORM_CLASSES
+from normlab.nn.registry import is_norm
 
 SIZES = dict(vocab_size=50, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16)
 
@@ -22,7 +22,7 @@ def model_with_random_norms(seed=0, **fields):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, NORM_CLASSES):
+            if is_norm(module):
                 for p in module.parameters():
                     p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
@@ -135,7 +135,7 @@ def test_bhyt_block_uses_variance_approximation_at_ffn_site():
     site1, site2 = block.input_layernorm, block.post_attention_layernorm
     s2 = x.pow(2).mean(-1, keepdim=True)
     y = x + attn(block, ref.bhyt(site1, x, s2), model.config)
-    s2_hat = s2 + 0.37 * site1.lam**2 / block.kappa**2
+    s2_hat = s2 + 0.37 * site1.lam**2 / model.config.bhyt_kappa**2
     expected = y + ffn(block, ref.bhyt(site2, y, s2_hat))
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
     exact = y + ffn(block, ref.bhyt(site2, y, y.pow(2).mean(-1, keepdim=True)))

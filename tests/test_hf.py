@@ -150,7 +150,7 @@ def test_custom_config_holds_the_model_config_plans_and_standard_names(tmp_path)
 def test_modeling_file_is_normlab_source_importing_only_torch_transformers_stdlib(tmp_path):
     export(_model("bhyt"), tmp_path / "out", ByteTokenizer())
     source = (tmp_path / "out" / "modeling_normlab.py").read_text()
-    for function in (Block.forward, Block.bhyt_attention_half, Backbone.forward):
+    for function in (Block.forward, Block.shared_statistic_attention, Backbone.forward):
         assert inspect.getsource(function) in source
     imported = set()
     for node in ast.walk(ast.parse(source)):
@@ -160,6 +160,20 @@ def test_modeling_file_is_normlab_source_importing_only_torch_transformers_stdli
             imported.add((node.module or ".").split(".")[0])
     assert "torch" in imported and "transformers" in imported
     assert imported <= {"torch", "transformers", "__future__", *sys.stdlib_module_names}, imported
+
+
+def run_without_normlab(script: str, cwd: Path) -> dict:
+    """Run ``script`` in ``cwd`` with site-packages but neither normlab nor the working tree
+    importable; returns the JSON object it prints last. ``sys.argv[1:]`` are the site-packages
+    directories for the script to add to ``sys.path``."""
+    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    # -I: no PYTHONPATH, no user site, no cwd on sys.path; -S: no .pth files (normlab's editable
+    # install is one); only the site-packages directories are added back.
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", script, *paths], cwd=cwd,
+                            capture_output=True, text=True, timeout=120,
+                            env={"HOME": str(cwd), "HF_HOME": str(cwd / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_custom_export_loads_where_normlab_is_not_importable(tmp_path):
@@ -188,15 +202,7 @@ n = out.shape[1]
 print(json.dumps({"normlab": importable, "diff": diff, "class": type(model).__module__,
                   "generated": torch.equal(out, expected["generated"][:, :n])}))
 """
-    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
-    # -I: no PYTHONPATH, no user site, no cwd on sys.path; -S: no .pth files (normlab's editable
-    # install is one); only the site-packages directories are added back.
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script, *paths], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120,
-                            env={"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
-                                 "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_without_normlab(script, tmp_path)
     assert report["normlab"] is False
     assert report["class"].startswith("transformers_modules")
     assert report["diff"] <= 1e-5 and report["generated"]

@@ -7,10 +7,12 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 from normlab.errors import NormlabError
+from normlab.plugins import load_plugins
 
 EXIT_USER_ERROR = 2
 
@@ -65,14 +67,14 @@ def _count(n: float) -> str:
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from normlab.config import ModelConfig, apply_overrides, load_yaml
+    from normlab.config import ModelConfig, RunConfig, apply_overrides
     from normlab.nn.model import meta_model
     from normlab.strategies import describe_plan
 
     data: dict = {}
     if args.config:
-        data = load_yaml(args.config)
-        data = data.get("model", data)
+        data = RunConfig.load(args.config, plugins=args.plugin)
+        data = data.get("model", {key: v for key, v in data.items() if key != "plugins"})
     if args.preset:
         data = {**data, "preset": args.preset}
     if args.strategy:
@@ -96,7 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
     from normlab.train.trainer import train
 
-    raw = RunConfig.load(args.config, args.overrides)
+    raw = RunConfig.load(args.config, args.overrides, args.plugin)
     result = train(raw, args.out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(f"{args.out}: {result.describe()}", file=sys.stderr if result.exit_code else sys.stdout)
@@ -108,7 +110,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from normlab.data import read_meta
     from normlab.train.trainer import load_data
 
-    raw = RunConfig.load(args.config, args.overrides)
+    raw = RunConfig.load(args.config, args.overrides, args.plugin)
     if args.out:
         raw.setdefault("data", {})["cache_dir"] = args.out
     shard_dir, _ = load_data(RunConfig.from_dict(raw, vocab_size=1).data)
@@ -124,7 +126,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from normlab.config import ConfigError, RunConfig
 
     seeds = _parse_list(args.seeds, int, "--seeds")
-    raw = RunConfig.load(args.config, args.overrides)
+    raw = RunConfig.load(args.config, args.overrides, args.plugin)
     evaluation = None
     if args.eval_tasks:
         if args.eval_fewshot < 0 or (args.eval_limit is not None and args.eval_limit < 1):
@@ -170,7 +172,7 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
     from normlab.diagnostics.stability import stability
 
-    path = stability(RunConfig.load(args.config, args.overrides), _parse_list(args.strategies, str, "--strategies"),
+    path = stability(RunConfig.load(args.config, args.overrides, args.plugin), _parse_list(args.strategies, str, "--strategies"),
                      _parse_list(args.lrs, float, "--lrs"), _parse_list(args.depths, int, "--depths"),
                      _parse_list(args.seeds, int, "--seeds"), args.out, progress=not args.quiet, jobs=args.jobs)
     print(f"stability map: {path} (table in {args.out}/stability.md)")
@@ -290,20 +292,34 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
+def _plugin_parser() -> argparse.ArgumentParser:
+    """``--plugin``, which every verb takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import this file or module first; it may register norm types, "
+                        "placements and strategies (repeatable; run YAMLs may list them under "
+                        "'plugins:'; installed 'normlab.plugins' entry points load by themselves)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normlab",
         description="Transformer normalization research: build, train, compare and diagnose "
-        "models that differ only in how they normalize.",
+        "models that differ only in how they normalize. Every verb takes --plugin FILE_OR_MODULE "
+        "to add norm types, placements and strategies (docs/extending.md).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    plugin = _plugin_parser()
+    add_verb = functools.partial(verbs.add_parser, parents=[plugin])
 
-    p = verbs.add_parser("strategies", help="list the named normalization strategies and formulas")
+    p = add_verb("strategies", help="list the named normalization strategies and formulas (with --plugin: "
+             "plugins' too)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show sources and config fields")
     p.set_defaults(func=_cmd_strategies)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "model", help="print a resolved model config, its per-layer norm plan and parameter count"
     )
     p.add_argument("--config", help="YAML file (a run config with a 'model' section, or a model config)")
@@ -313,14 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="field overrides")
     p.set_defaults(func=_cmd_model)
 
-    p = verbs.add_parser("presets", help="the papers' model sizes by name, with parameter counts",
-                         description="Every preset's sizes and its parameter count (counted on the meta "
-                         "device) beside the paper's. A preset names a model size; the strategy stays "
-                         "separate: normlab train --config configs/NAME.yaml model.strategy=pre_norm.")
+    p = add_verb("presets", help="the papers' model sizes by name, with parameter counts",
+                 description="Every preset's sizes and its parameter count (counted on the meta "
+                 "device) beside the paper's. A preset names a model size; the strategy stays "
+                 "separate: normlab train --config configs/NAME.yaml model.strategy=pre_norm.")
     p.add_argument("-v", "--verbose", action="store_true", help="also show strategies, config files and notes")
     p.set_defaults(func=_cmd_presets)
 
-    p = verbs.add_parser("train", help="train one model; --resume continues a killed or stopped run",
+    p = add_verb("train", help="train one model; --resume continues a killed or stopped run",
                          description="Train one model into a run directory (config.yaml, "
                          "metrics.jsonl, status.json, checkpoints/). Several processes: "
                          "torchrun --nproc_per_node N -m normlab train ... (DDP; train.batch_size "
@@ -333,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_train)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "compare", help="controlled comparison of strategies over seeds, with a report",
         description="Train every strategy x seed on the same batches from the same init seed "
         "(only the normalization differs), then write report.html, report.md, summary.json and "
@@ -358,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_args(p)
     p.set_defaults(func=_cmd_compare)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "diagnose", help="layer diagnostics of a trained run (gradients, activations, angular distance, ...)",
         description="Gradient norm per layer (attention / FFN / norm), residual-stream RMS and "
         "variance entering each layer, angular distance d(l, l+n), layer drop, norm input/output "
@@ -376,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_diagnose)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "stability", help="grid of short runs over learning rate and depth; heat-map per strategy",
         description="Train every strategy x depth x lr x seed (resumable, like compare) and draw "
         "a heat-map of the final validation loss per strategy with diverged cells marked.")
@@ -388,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_args(p)
     p.set_defaults(func=_cmd_stability)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "evaluate", help="zero- and few-shot accuracy / perplexity of a run on evaluation tasks",
         description="Score tasks with lm-evaluation-harness's log-likelihood convention: multiple "
         "choice (query/choices/gold: acc, acc_norm), partial scoring (context_options/"
@@ -413,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "generate", help="generate text from a trained run (KV cache; streams to the terminal)",
         description="Continue --prompt with the run's model and tokenizer, printing tokens as they "
         "come. Temperature 0 is greedy decoding; otherwise sampling with optional top-k and "
@@ -431,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
     p.set_defaults(func=_cmd_generate)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "export-hf", help="write a run's model as a Hugging Face model directory",
         description="Write model.safetensors, config.json, generation_config.json, tokenizer.json "
         "and tokenizer_config.json into OUT_DIR. auto: a stock transformers class (Llama, Qwen3, "
@@ -445,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: newest)")
     p.set_defaults(func=_cmd_export_hf)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "import-hf", help="make a normlab run of a Hugging Face Llama, Qwen3, OLMo-2 or OLMoE model",
         description="Read a Hugging Face model directory (config.json, weights, tokenizer.json) and "
         "write a normlab run directory with the same logits: llama -> pre_norm, qwen3 -> qk_norm, "
@@ -455,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_run", metavar="OUT_RUN", help="new run directory")
     p.set_defaults(func=_cmd_import_hf)
 
-    p = verbs.add_parser(
+    p = add_verb(
         "bench", help="speed ratios measured side by side (normlab vs transformers, strategies, norms)",
         description="Times candidates in interleaved rounds and prints median-time ratios: normlab "
         "Pre-Norm vs transformers LlamaForCausalLM with the same weights, every strategy's train "
@@ -474,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = verbs.add_parser("data", help="corpus and tokenizer tools")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)
-    p = data_verbs.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards",
+    p = data_verbs.add_parser("prepare", parents=[plugin], help="tokenize a corpus into memory-mapped token shards",
                               description="Tokenize data.corpus with data.tokenizer into train/val "
                               "uint16/uint32 memory-mapped shards (streaming, flat memory). normlab "
                               "train reuses shards whose corpus and tokenizer match.")
@@ -489,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        load_plugins(args.plugin)
         return args.func(args)
     except NormlabError as err:
         if args.debug:

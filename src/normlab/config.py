@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from normlab.errors import ConfigError
+from normlab.plugins import check_specs, load_plugins, resolve
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -36,10 +37,7 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-NORM_TYPES = ("rmsnorm", "layernorm", "dyt", "bhyt", "bhyt_star", "none")
-PLACEMENTS = ("pre", "post", "peri", "output", "deepnorm", "mixln", "hybrid", "hybrid_star", "lns")
-#: Placements a single layer can take in ``layer_overrides`` (the schedules are built from these).
-LAYER_PLACEMENTS = ("pre", "post", "peri", "output", "hybrid")
+# Norm types, placements and strategies are registries (normlab.nn.registry, normlab.strategies).
 QK_NORMS = ("none", "qk", "qkv")
 QK_NORM_SCOPES = ("head", "full")
 INIT_SCHEMES = ("normal", "megatron", "depth_scaled", "deepnorm")
@@ -224,23 +222,27 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"d_model: head size {self.head_dim} must be even for RoPE")
 
-        check_choice("norm", self.norm, NORM_TYPES)
-        check_choice("placement", self.placement, PLACEMENTS)
+        # Imported here: the registries' modules import this one.
+        from normlab.nn.registry import NORMS
+        from normlab.strategies import PLACEMENTS
+
+        check_choice("norm", self.norm, tuple(NORMS))
+        check_choice("placement", self.placement, tuple(PLACEMENTS))
+        placement = PLACEMENTS[self.placement]
         if self.qk_norm is None:
-            self.qk_norm = {"hybrid": "qkv", "hybrid_star": "qkv", "output": "qk"}.get(
-                self.placement, "none"
-            )
+            self.qk_norm = placement.qk_norm
         check_choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.qk_norm_scope is None:
-            self.qk_norm_scope = "full" if self.placement == "output" else "head"
+            self.qk_norm_scope = placement.qk_norm_scope
         check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
-        stat_coupled = self.norm in ("bhyt", "bhyt_star", "none")
+        # A slots-only type (BHyT) and 'none' leave the QK-norm to RMSNorm; slots-only also the final norm.
+        inner = tuple(name for name, cls in NORMS.items() if not getattr(cls, "slots_only", False))
         if self.qk_norm_type is None:
-            self.qk_norm_type = "rmsnorm" if stat_coupled else self.norm
-        check_choice("qk_norm_type", self.qk_norm_type, ("rmsnorm", "layernorm", "dyt"))
+            self.qk_norm_type = self.norm if self.norm in inner and self.norm != "none" else "rmsnorm"
+        check_choice("qk_norm_type", self.qk_norm_type, tuple(name for name in inner if name != "none"))
         if self.final_norm is None:
-            self.final_norm = "rmsnorm" if self.norm in ("bhyt", "bhyt_star") else self.norm
-        check_choice("final_norm", self.final_norm, ("rmsnorm", "layernorm", "dyt", "none"))
+            self.final_norm = self.norm if self.norm in inner else "rmsnorm"
+        check_choice("final_norm", self.final_norm, inner)
         check_choice("init", self.init, INIT_SCHEMES)
 
         _check_float("mixln_alpha", self.mixln_alpha)
@@ -326,7 +328,9 @@ class ModelConfig:
                         f"allowed: {', '.join(LAYER_OVERRIDE_KEYS)}"
                     )
                 if name == "placement":
-                    check_choice(where, value, LAYER_PLACEMENTS)
+                    from normlab.strategies import layer_placements
+
+                    check_choice(where, value, layer_placements())
                 elif name == "qk_norm":
                     check_choice(where, value, QK_NORMS)
                 else:
@@ -512,23 +516,28 @@ class TrainConfig:
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every",
                           "keep_last", "compile", "device", "record_every")
 SECTIONS = ("model", "data", "train")
+#: top-level keys of a run YAML: the sections and the plugin list
+TOP_LEVEL_KEYS = (*SECTIONS, "plugins")
 
 
 @dataclass
 class RunConfig:
-    """One YAML with sections ``model``, ``data``, ``train``. ``model.vocab_size`` left out is
-    taken from the tokenizer."""
+    """One YAML with sections ``model``, ``data``, ``train`` and an optional ``plugins`` list
+    (files or modules that register norm types, placements, strategies; see normlab.plugins).
+    ``model.vocab_size`` left out is taken from the tokenizer."""
 
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], vocab_size: int | None = None) -> RunConfig:
         for key in data:
-            if key not in SECTIONS:
-                raise ConfigError(f"{key}: unknown section{did_you_mean(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
-        sections = {}
+            if key not in TOP_LEVEL_KEYS:
+                raise ConfigError(f"{key}: unknown section{did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                                  f"top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+        sections: dict[str, Any] = {"plugins": load_plugins(data.get("plugins"))}
         for name, section_cls in (("data", DataConfig), ("train", TrainConfig)):
             values = data.get(name) or {}
             if not isinstance(values, dict):
@@ -545,14 +554,23 @@ class RunConfig:
         return cls(**sections)
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-        """The raw (unresolved) sections of a YAML file with dotted overrides applied."""
+    def load(cls, path: str | Path | None, overrides: list[str] = (),
+             plugins: list[str] = ()) -> dict[str, Any]:
+        """The raw (unresolved) sections of a YAML file with dotted overrides applied, and its
+        plugins (paths relative to the YAML file) plus ``plugins`` (relative to the working
+        directory) loaded and listed under ``plugins``."""
         data = load_yaml(path) if path is not None else {}
-        return apply_overrides(data, list(overrides), SECTIONS)
+        data = apply_overrides(data, list(overrides), SECTIONS)
+        base = Path(path).parent if path is not None else None
+        specs = [resolve(spec, base) for spec in check_specs(data.get("plugins"))]
+        specs = load_plugins(list(dict.fromkeys(specs + [resolve(spec) for spec in plugins])))
+        if specs:
+            data["plugins"] = specs
+        return data
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+        return {"plugins": list(self.plugins), "model": self.model.to_dict(),
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

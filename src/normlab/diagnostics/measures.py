@@ -17,12 +17,12 @@ from torch import nn
 
 from normlab.nn.model import NormLM
 from normlab.nn.moe import MoE
-from normlab.nn.norms import BHyT, DyT
 from normlab.train.callbacks import layer_grad_norms
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
-#: |tanh argument| above which DyT/BHyT count an element as saturated (tanh(2) = 0.96)
+#: |argument| above which a squashing norm (one with ``argument(x)``: DyT, BHyT, ...) counts an
+#: element as saturated (tanh(2) = 0.96, erf(2) = 0.995)
 SATURATION = 2.0
 
 
@@ -136,19 +136,19 @@ def layer_drop(model: NormLM, batches: Batches) -> dict[str, object]:
 @torch.no_grad()
 def norm_io(model: NormLM, batches: Batches, points: int = 1500, seed: int = 0) -> list[dict]:
     """Input/output samples of the two Pre-Norm sites of each block (or of its first active
-    slots) and, for tanh norms, the share of elements with |tanh argument| > 2."""
+    slots) and, for norms with an ``argument(x)`` method, the share of elements with |argument| > 2."""
     gen = torch.Generator().manual_seed(seed)
     captured: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
     handles = []
     cos_sin = None
     for layer, block in enumerate(model.model.layers):
         if block.shared_statistic:
-            continue  # BHyT sites are applied inside the block; computed from the states below
+            continue  # shared-statistic sites are applied inside the block; computed from the states below
         for name, module in block.named_children():
             if name.endswith(("layernorm", "_norm")) and not isinstance(module, nn.Identity):
                 def hook(m, args, out, key=(layer, name)):
                     x = args[0].detach()
-                    arg = m.argument(x) if isinstance(m, (DyT, BHyT)) else None
+                    arg = m.argument(x) if hasattr(m, "argument") else None
                     captured.setdefault(key, []).append((x, out.detach(), arg))
                 handles.append(module.register_forward_hook(hook))
     try:
@@ -159,8 +159,8 @@ def norm_io(model: NormLM, batches: Batches, points: int = 1500, seed: int = 0) 
                 if block.shared_statistic:
                     site1, site2 = block.input_layernorm, block.post_attention_layernorm
                     h = states[layer]
-                    s2 = site1.mean_square(h)
-                    y, s2_hat = block.bhyt_attention_half(h, *cos_sin)
+                    s2 = site1.statistic(h)
+                    y, s2_hat = block.shared_statistic_attention(h, *cos_sin)
                     captured.setdefault((layer, "input_layernorm"), []).append(
                         (h, site1.apply(h, s2), site1.argument(h, s2)))
                     captured.setdefault((layer, "post_attention_layernorm"), []).append(
@@ -184,8 +184,9 @@ def norm_io(model: NormLM, batches: Batches, points: int = 1500, seed: int = 0) 
 
 @torch.no_grad()
 def bhyt_statistic_check(model: NormLM, batches: Batches) -> list[dict] | None:
-    """For each BHyT block: the FFN site's approximation s2_hat against the exact ms(Y), per
-    token: mean ratio s2_hat / ms(Y) and Pearson correlation. None for other models."""
+    """For each shared-statistic (BHyT) block: the FFN site's statistic s2_hat against the exact
+    statistic of Y (BHyT: ms(Y)), per token: mean ratio and Pearson correlation. None for other
+    models."""
     blocks = [b for b in model.model.layers if b.shared_statistic]
     if not blocks:
         return None
@@ -195,9 +196,9 @@ def bhyt_statistic_check(model: NormLM, batches: Batches) -> list[dict] | None:
         states = residual_states(model, x)
         cos, sin = model.model.rope_cos[: x.shape[1]], model.model.rope_sin[: x.shape[1]]
         for layer, block in enumerate(model.model.layers):
-            y, s2_hat = block.bhyt_attention_half(states[layer], cos, sin)
+            y, s2_hat = block.shared_statistic_attention(states[layer], cos, sin)
             approx.setdefault(layer, []).append(s2_hat.flatten().double())
-            exact.setdefault(layer, []).append(BHyT.mean_square(y).flatten().double())
+            exact.setdefault(layer, []).append(block.post_attention_layernorm.statistic(y).flatten().double())
     rows = []
     for layer in sorted(approx):
         a, e = torch.cat(approx[layer]), torch.cat(exact[layer])

@@ -9,7 +9,9 @@ and ``tokenizer_config.json``. Two formats:
   QK-norm -> OLMo-2 (all with RMSNorm final norm, scales 1, no embedding scale).
 - ``custom``: any strategy. ``modeling_normlab.py`` (written into OUT_DIR, loaded with
   ``trust_remote_code=True``) is normlab's own model source plus a small transformers wrapper;
-  ``config.json`` holds every ModelConfig field and the per-layer plans.
+  ``config.json`` holds every ModelConfig field and the per-layer plans. A norm type from a
+  plugin is exported as a copy of the plugin's file (``plugin_NAME.py``, its ``normlab`` imports
+  pointed at ``modeling_normlab``) that ``modeling_normlab.py`` imports.
 
 ``auto`` picks stock when it is exact. The directory is written next to OUT_DIR and renamed into
 place; an existing OUT_DIR is replaced only when it is empty or a previous normlab export
@@ -35,13 +37,15 @@ from normlab.config import ModelConfig, check_choice
 from normlab.data import Tokenizer
 from normlab.errors import CheckpointError, ConfigError
 from normlab.nn.model import NormLM
+from normlab.nn.registry import norm_class
 from normlab.strategies import describe_plan, layer_plans
 
 FORMATS = ("auto", "stock", "custom")
 WEIGHTS_FILE, CONFIG_FILE, MODELING_FILE = "model.safetensors", "config.json", "modeling_normlab.py"
 
 #: normlab modules whose source forms ``modeling_normlab.py``, in dependency order
-BUNDLED_MODULES = ("normlab.nn.plan", "normlab.nn.norms", "normlab.nn.attention", "normlab.nn.mlp", "normlab.nn.moe",
+BUNDLED_MODULES = ("normlab.errors", "normlab.nn.registry", "normlab.nn.plan", "normlab.nn.norms",
+                   "normlab.nn.attention", "normlab.nn.mlp", "normlab.nn.moe",
                    "normlab.nn.block", "normlab.nn.backbone", "normlab.hf.modeling_template")
 
 
@@ -137,7 +141,8 @@ def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
         weights = {family.hf_name(k): v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight")  # transformers ties it to model.embed_tokens.weight
-    modeling = modeling_source() if family is None else None
+    plugins = plugin_sources(cfg) if family is None else {}
+    modeling = modeling_source(plugins) if family is None else None
 
     def write(directory: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
@@ -153,6 +158,8 @@ def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
             "clean_up_tokenization_spaces": False})
         if modeling is not None:
             (directory / MODELING_FILE).write_text(modeling)
+        for name, (source, _) in plugins.items():
+            (directory / f"{name}.py").write_text(source)
 
     write_directory(out, write)
     return "custom" if family is None else "stock"
@@ -198,9 +205,10 @@ def _normlab_fields(cfg: ModelConfig) -> dict:
     return {**cfg.to_dict(), "layer_plans": [dataclasses.asdict(plan) for plan in layer_plans(cfg)]}
 
 
-def modeling_source() -> str:
+def modeling_source(plugins: dict[str, tuple[str, list[str]]] | None = None) -> str:
     """``modeling_normlab.py``: the source of BUNDLED_MODULES in order, their ``normlab`` and
-    ``__future__`` imports dropped. Raises RuntimeError when a dropped import names something
+    ``__future__`` imports dropped, then an import of each plugin copy (``plugin_sources``) for
+    the norm classes it registers. Raises RuntimeError when a dropped import names something
     the bundle does not define, or the bundle imports anything beyond torch, transformers and
     the standard library."""
     parts = [f'"""A normlab {_version()} model for transformers (trust_remote_code=True), generated '
@@ -217,11 +225,59 @@ def modeling_source() -> str:
                     dropped += [(module, alias.name) for alias in node.names]
         parts.append(f"\n# {'-' * 30} {module} ({path.name})\n\n" + "".join(lines))
     bundle = "".join(parts)
-    _check_bundle(bundle, dropped)
+    defined = _check_bundle(bundle, dropped)
+    for name, (source, _) in (plugins or {}).items():
+        missing = [imported for imported in _bundle_imports(source) if imported not in defined]
+        if missing:
+            raise ConfigError(f"plugin {name}: imports {', '.join(missing)} from normlab, which an "
+                              "exported model does not contain; import from normlab.nn or normlab")
+    if plugins:
+        bundle += f"\n# {'-' * 30} plugins (importing them registers their norm types)\n\n"
+        bundle += "".join(f"from .{name} import {', '.join(classes)}  # noqa: E402, F401\n"
+                          for name, (_, classes) in plugins.items())
     return bundle
 
 
-def _check_bundle(bundle: str, dropped: list[tuple[str, str]]) -> None:
+def plugin_sources(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
+    """module name -> (source, norm class names) of each plugin file whose norm types ``cfg``
+    uses, the source's ``normlab`` imports rewritten to import from ``modeling_normlab``."""
+    files: dict[Path, list[str]] = {}
+    for kind in dict.fromkeys((cfg.norm, cfg.qk_norm_type, cfg.final_norm)):
+        cls = norm_class(kind)
+        if cls.__module__.split(".")[0] != "normlab":
+            files.setdefault(Path(sys.modules[cls.__module__].__file__), []).append(cls.__qualname__)
+    return {f"plugin_{path.stem}": (_rewrite_normlab_imports(path.read_text(), path), classes)
+            for path, classes in files.items()}
+
+
+def _bundle_imports(source: str) -> list[str]:
+    """The names ``source`` imports with ``from .modeling_normlab import ...``."""
+    return [alias.name for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "modeling_normlab"
+            for alias in node.names]
+
+
+def _rewrite_normlab_imports(source: str, path: Path) -> str:
+    """``import normlab [as x]`` -> ``from . import modeling_normlab as x``; ``from normlab.y
+    import z`` -> ``from .modeling_normlab import z`` (the bundle defines normlab.nn's names)."""
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source, str(path)).body:
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "normlab" for a in node.names):
+            if len(node.names) != 1 or node.names[0].name != "normlab":
+                raise ConfigError(f"plugin '{path}' line {node.lineno}: write 'import normlab' alone on "
+                                  "its line so that an export can replace it")
+            new = f"from . import modeling_normlab as {node.names[0].asname or 'normlab'}\n"
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "normlab":
+            names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
+            new = f"from .modeling_normlab import {names}\n"
+        else:
+            continue
+        lines[node.lineno - 1:node.end_lineno] = [new] + [""] * (node.end_lineno - node.lineno)
+    return "".join(lines)
+
+
+def _check_bundle(bundle: str, dropped: list[tuple[str, str]]) -> set[str]:
+    """The names the bundle defines; RuntimeError when it cannot stand alone."""
     tree = ast.parse(bundle)
     defined: list[str] = []
     for node in tree.body:
@@ -243,6 +299,7 @@ def _check_bundle(bundle: str, dropped: list[tuple[str, str]]) -> None:
     if twice or missing or foreign:
         raise RuntimeError(f"{MODELING_FILE} cannot be bundled: defined twice {twice}, "
                            f"not defined {missing}, foreign imports {foreign}")
+    return set(defined)
 
 
 def write_directory(out: Path, write: Callable[[Path], None]) -> None:

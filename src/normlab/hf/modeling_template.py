@@ -19,8 +19,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from normlab.nn.attention import rope_tables
 from normlab.nn.backbone import Backbone
 from normlab.nn.block import Block
-from normlab.nn.norms import NORM_CLASSES
 from normlab.nn.plan import LayerPlan
+from normlab.nn.registry import is_norm
+
+
+def register_placement(*args, **kwargs) -> None:
+    """Stands in for normlab's: an exported model reads its layer plans from config.json, so a
+    plugin's placements and strategies register nothing here (its norm types do)."""
+
+
+register_strategy = register_placement
 
 
 class NormlabConfig(PretrainedConfig):
@@ -53,7 +61,7 @@ class NormlabForCausalLM(PreTrainedModel, GenerationMixin):
         at sqrt(d), the RoPE tables (never stored), BHyT's c_attn from the attention weights."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
-        elif isinstance(module, NORM_CLASSES):
+        elif is_norm(module):
             module.reset_parameters()
         elif isinstance(module, Backbone):
             cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)

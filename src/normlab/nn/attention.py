@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.nn.norms import make_norm
+from normlab.nn.registry import make_norm
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -93,7 +93,7 @@ class Attention(nn.Module):
 
         def norm(width: int) -> nn.Module:
             dim = width if self.full_scope else self.head_dim
-            return make_norm(cfg.qk_norm_type, dim, eps=cfg.norm_eps, site="attn", cfg=cfg)
+            return make_norm(cfg.qk_norm_type, dim, cfg, "attn")
 
         self.q_norm = norm(q_dim) if qk_norm in ("qk", "qkv") else None
         self.k_norm = norm(kv_dim) if qk_norm in ("qk", "qkv") else None

@@ -9,8 +9,8 @@ from torch import nn
 
 from normlab.nn.attention import rope_tables
 from normlab.nn.block import Block
-from normlab.nn.norms import make_norm
 from normlab.nn.plan import LayerPlan
+from normlab.nn.registry import make_norm
 
 
 class Backbone(nn.Module):
@@ -24,11 +24,7 @@ class Backbone(nn.Module):
         else:
             self.embed_scale = None
         self.layers = nn.ModuleList(Block(cfg, i, plan) for i, plan in enumerate(plans))
-        self.norm = (
-            nn.Identity()
-            if cfg.final_norm == "none"
-            else make_norm(cfg.final_norm, cfg.d_model, eps=cfg.norm_eps, site="other", cfg=cfg)
-        )
+        self.norm = make_norm(cfg.final_norm, cfg.d_model, cfg, "other")
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -8,8 +8,8 @@ from torch import nn
 from normlab.nn.attention import Attention
 from normlab.nn.mlp import SwiGLU
 from normlab.nn.moe import MoE, is_moe_layer
-from normlab.nn.norms import make_norm
 from normlab.nn.plan import LayerPlan
+from normlab.nn.registry import make_norm, shares_statistic
 
 #: slot field of LayerPlan -> (module name, site for DyT alpha0 / BHyT lambda0)
 SLOTS: dict[str, tuple[str, str]] = {
@@ -52,11 +52,9 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         for slot, (name, site) in SLOTS.items():  # a slot that is off is None (no module to call)
             on = getattr(plan, slot)
-            setattr(self, name, make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, site=site, cfg=cfg)
-                    if on else None)
-        self.shared_statistic = cfg.norm == "bhyt"
+            setattr(self, name, make_norm(cfg.norm, cfg.d_model, cfg, site) if on else None)
+        self.shared_statistic = shares_statistic(cfg.norm)
         if self.shared_statistic:
-            self.kappa = cfg.bhyt_kappa
             # Persistent so that a loaded model uses the constant it was trained with.
             self.register_buffer("c_attn", torch.zeros(()), persistent=True)
 
@@ -74,21 +72,21 @@ class Block(nn.Module):
         return _norm(self.ffn_residual_norm, _scaled(y, a) + _norm(self.post_feedforward_layernorm, self.mlp(h)))
 
     def _forward_shared_statistic(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
-        """BHyT Pre-Norm block with one reduction: Y = X + Attn(B1(X; s2)), X' = Y + FFN(B2(Y; s2_hat))."""
-        y, s2_hat = self.bhyt_attention_half(x, cos, sin, cache, mask)
-        return y + self.mlp(self.post_attention_layernorm.apply(y, s2_hat))
+        """Pre-Norm block with one reduction: Y = X + Attn(N1(X; s)), X' = Y + FFN(N2(Y; s_ffn))."""
+        y, s_ffn = self.shared_statistic_attention(x, cos, sin, cache, mask)
+        return y + self.mlp(self.post_attention_layernorm.apply(y, s_ffn))
 
-    def bhyt_attention_half(self, x, cos, sin, cache=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Y, s2_hat) of a BHyT block: Y = X + Attn(B1(X; s2)) with s2 = ms(X), and the FFN
-        site's statistic s2_hat = s2 + c_attn * sg(lambda_attn)^2 / kappa^2 (approximates ms(Y))."""
+    def shared_statistic_attention(self, x, cos, sin, cache=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Y, s_ffn): Y = X + Attn(N1(X; s)) with s = N1.statistic(X), and the FFN site's
+        statistic s_ffn = N1.statistic_after_attention(s, c_attn) (BHyT: approximates ms(Y))."""
         site1 = self.input_layernorm
-        s2 = site1.mean_square(x)
-        y = x + self.self_attn(site1.apply(x, s2), cos, sin, cache, mask)
-        return y, s2 + self.c_attn * site1.lam.detach() ** 2 / self.kappa**2
+        stat = site1.statistic(x)
+        y = x + self.self_attn(site1.apply(x, stat), cos, sin, cache, mask)
+        return y, site1.statistic_after_attention(stat, self.c_attn)
 
     @torch.no_grad()
     def refresh_c_attn(self, context_len: int) -> None:
-        """c_attn = ||W_V^exp W_O||_F^2 / (T d) from the current weights (BHyT only)."""
+        """c_attn = ||W_V^exp W_O||_F^2 / (T d) from the current weights (shared-statistic blocks)."""
         product = self.self_attn.value_output_product().float()
         self.c_attn.fill_(product.pow(2).sum().item() / (context_len * product.shape[0]))
 

@@ -15,7 +15,7 @@ from normlab.config import ModelConfig
 from normlab.nn.attention import KVCache
 from normlab.nn.backbone import Backbone
 from normlab.nn.moe import MoE
-from normlab.nn.norms import NORM_CLASSES
+from normlab.nn.registry import is_norm
 from normlab.strategies import layer_plans
 
 
@@ -137,7 +137,7 @@ class NormLM(nn.Module):
 
     @torch.no_grad()
     def refresh_bhyt_constants(self) -> None:
-        """Recompute every BHyT block's c_attn from the current weights (no-op otherwise)."""
+        """Recompute every shared-statistic (BHyT) block's c_attn from the current weights (no-op otherwise)."""
         for block in self.model.layers:
             if block.shared_statistic:
                 block.refresh_c_attn(self.config.bhyt_context_len)
@@ -227,7 +227,7 @@ def init_weights(model: NormLM, seed: int = 0) -> None:
     if not cfg.tie_embeddings:
         normal(model.lm_head.weight, sigma)
     for module in model.modules():
-        if isinstance(module, NORM_CLASSES):
+        if is_norm(module):
             module.reset_parameters()
     if model.model.embed_scale is not None:
         model.model.embed_scale.fill_(math.sqrt(cfg.d_model))

@@ -1,4 +1,5 @@
-"""Norm types. Every norm maps (..., dim) -> (..., dim); statistics are computed in fp32.
+"""The built-in norm types, registered through ``register_norm`` like a plugin's. Every norm maps
+(..., dim) -> (..., dim), is built as ``cls(dim, cfg, site)`` and computes statistics in fp32.
 
 ``x`` is one row of the residual stream, ``ms(x) = mean_i x_i^2``.
 """
@@ -9,18 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.nn.registry import register_norm
+
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32 precision (bf16/fp16 are upcast, fp64 stays fp64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+@register_norm("rmsnorm")
 class RMSNorm(nn.Module):
     """RMSNorm(x) = g * x / sqrt(ms(x) + eps);  g init 1, no bias."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, cfg, site: str) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps = cfg.norm_eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def reset_parameters(self) -> None:
@@ -37,12 +41,13 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+@register_norm("layernorm")
 class LayerNorm(nn.Module):
     """LayerNorm(x) = g * (x - mean(x)) / sqrt(var(x) + eps) + b;  g init 1, b init 0."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, cfg, site: str) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps = cfg.norm_eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
@@ -59,13 +64,15 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+@register_norm("dyt")
 class DyT(nn.Module):
-    """DyT(x) = g * tanh(alpha * x);  scalar alpha (init alpha0), per-channel g init 1, no bias
-    (the LLaMA form of Zhu et al. 2025)."""
+    """DyT(x) = g * tanh(alpha * x);  scalar alpha (init alpha0: ``dyt_alpha_attn`` at the
+    attention site, ``dyt_alpha_other`` elsewhere), per-channel g init 1, no bias (the LLaMA
+    form of Zhu et al. 2025)."""
 
-    def __init__(self, dim: int, alpha0: float) -> None:
+    def __init__(self, dim: int, cfg, site: str) -> None:
         super().__init__()
-        self.alpha0 = float(alpha0)
+        self.alpha0 = float(cfg.dyt_alpha_attn if site == "attn" else cfg.dyt_alpha_other)
         self.alpha = nn.Parameter(torch.tensor(self.alpha0))
         self.weight = nn.Parameter(torch.ones(dim))
 
@@ -84,19 +91,21 @@ class DyT(nn.Module):
         return f"{self.weight.shape[0]}"
 
 
+@register_norm("bhyt_star")
 class BHyT(nn.Module):
-    """BHyT(x; s2) = g * tanh(lam * x / (kappa * sqrt(s2 + eps))).
-
-    ``forward(x)`` uses the exact statistic s2 = ms(x) (BHyT*); a block that shares one
-    statistic across its two sites calls ``apply(x, s2)`` with its own s2 (Byun et al. 2026).
-    lam is a learnable scalar, kappa a fixed constant, g per channel init 1.
+    """BHyT(x; s2) = g * tanh(lam * x / (kappa * sqrt(s2 + eps))), here with the exact statistic
+    s2 = ms(x) at every site (BHyT*, Byun et al. 2026). lam is a learnable scalar (init
+    ``bhyt_lambda_attn`` / ``bhyt_lambda_ffn`` by site), kappa a fixed constant, g per channel
+    init 1.
     """
 
-    def __init__(self, dim: int, lam0: float, kappa: float = 10.0, eps: float = 1e-6) -> None:
+    slots_only = True
+
+    def __init__(self, dim: int, cfg, site: str) -> None:
         super().__init__()
-        self.kappa = kappa
-        self.eps = eps
-        self.lam0 = float(lam0)
+        self.kappa = cfg.bhyt_kappa
+        self.eps = cfg.bhyt_eps
+        self.lam0 = float(cfg.bhyt_lambda_attn if site == "attn" else cfg.bhyt_lambda_ffn)
         self.lam = nn.Parameter(torch.tensor(self.lam0))
         self.weight = nn.Parameter(torch.ones(dim))
 
@@ -125,21 +134,26 @@ class BHyT(nn.Module):
         return f"{self.weight.shape[0]}, kappa={self.kappa}, eps={self.eps}"
 
 
-NORM_CLASSES = (RMSNorm, LayerNorm, DyT, BHyT)
+@register_norm("bhyt")
+class SharedBHyT(BHyT):
+    """BHyT(x; s2) = g * tanh(lam * x / (kappa * sqrt(s2 + eps))) with one statistic per block:
+    s2 = ms(X) at the attention site, s2_hat = s2 + c_attn * sg(lam_attn)^2 / kappa^2 at the FFN
+    site (Byun et al. 2026, approximating ms(Y) from the attention weights)."""
+
+    def statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean_square(x)
+
+    def statistic_after_attention(self, s2: torch.Tensor, c_attn: torch.Tensor) -> torch.Tensor:
+        """s2_hat = s2 + c_attn * sg(lam)^2 / kappa^2 (called on the attention-site norm)."""
+        return s2 + c_attn * self.lam.detach() ** 2 / self.kappa**2
 
 
-def make_norm(kind: str, dim: int, *, eps: float, site: str, cfg) -> nn.Module:
-    """A norm of type ``kind`` for a slot; ``site`` is 'attn' or 'other' (DyT alpha0, BHyT lambda0)."""
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
-    if kind == "layernorm":
-        return LayerNorm(dim, eps)
-    if kind == "dyt":
-        return DyT(dim, cfg.dyt_alpha_attn if site == "attn" else cfg.dyt_alpha_other)
-    if kind in ("bhyt", "bhyt_star"):
-        lam = cfg.bhyt_lambda_attn if site == "attn" else cfg.bhyt_lambda_ffn
-        return BHyT(dim, lam, cfg.bhyt_kappa, cfg.bhyt_eps)
-    if kind == "none":
-        return nn.Identity()
-    raise AssertionError(kind)
+@register_norm("none")
+class NoNorm(nn.Identity):
+    """N(x) = x: the slot computes nothing (a normalization-free baseline)."""
 
+    def __init__(self, dim: int, cfg, site: str) -> None:
+        super().__init__()
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset."""

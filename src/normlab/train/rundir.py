@@ -1,4 +1,5 @@
-"""A run directory: ``config.yaml``, ``status.json``, ``metrics.jsonl``, ``tokenizer/``, ``checkpoints/``.
+"""A run directory: ``config.yaml``, ``plugins.json``, ``status.json``, ``metrics.jsonl``, ``tokenizer/``,
+``checkpoints/``.
 
 Reports and diagnostics read runs only through this module.
 """
@@ -25,6 +26,7 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.config_path = self.path / "config.yaml"
+        self.plugins_path = self.path / "plugins.json"
         self.status_path = self.path / "status.json"
         self.metrics_path = self.path / "metrics.jsonl"
         self.layers_path = self.path / "layers.jsonl"
@@ -50,6 +52,15 @@ class RunDir:
 
     def write_config(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))
+
+    def read_plugins(self) -> list[dict[str, str]]:
+        """The plugins the run was trained with (``normlab.plugins.record``); [] when none."""
+        if not self.plugins_path.is_file():
+            return []
+        return json.loads(self.plugins_path.read_text())
+
+    def write_plugins(self, records: list[dict[str, str]]) -> None:
+        atomic_write_text(self.plugins_path, json.dumps(records, indent=1) + "\n")
 
     def read_status(self) -> dict[str, Any]:
         try:

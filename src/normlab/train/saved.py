@@ -10,6 +10,7 @@ from normlab.config import RunConfig
 from normlab.data import Tokenizer, load_tokenizer
 from normlab.errors import CheckpointError
 from normlab.nn.model import NormLM, build_model
+from normlab.plugins import load_recorded
 from normlab.train.checkpoint import list_checkpoints, load_checkpoint
 from normlab.train.rundir import RunDir
 
@@ -34,13 +35,14 @@ class SavedRun:
 
 def load_run(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> SavedRun:
     """The run in ``run_dir`` with the weights of checkpoint ``step`` (default: the newest), on
-    ``device`` ('auto': CUDA when available)."""
+    ``device`` ('auto': CUDA when available), after loading the plugins it was trained with."""
     from normlab.train.trainer import pick_device
 
     target = pick_device(device, "--device")
     run = RunDir(run_dir)
     if not run.exists():
         raise CheckpointError(f"'{run.path}' holds no normlab run (no config.yaml)")
+    load_recorded(run.read_plugins(), run.path)
     cfg = RunConfig.from_dict(run.read_config())
     checkpoints = list_checkpoints(run.checkpoints)
     if not checkpoints:

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from normlab.config import RESUMABLE_TRAIN_FIELDS, ConfigError, DataConfig, RunConfig
+from normlab.config import RESUMABLE_TRAIN_FIELDS, SECTIONS, ConfigError, DataConfig, RunConfig
 from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
 from normlab.errors import CheckpointError, NormlabError
 from normlab.nn.model import NormLM, build_model
+from normlab.plugins import load_recorded, record
 from normlab.train import distributed
 from normlab.train.callbacks import LayerRecorder, ResidualProbe
 from normlab.train.checkpoint import load_latest, save_checkpoint
@@ -70,7 +71,7 @@ def load_data(data: DataConfig, progress: bool = True) -> tuple[Path, Any]:
 def resolve_config(raw: dict[str, Any], vocab_size: int) -> RunConfig:
     """The complete run config: vocab_size from the tokenizer and BHyT's T from train.seq_len
     unless given, then the cross-section checks."""
-    raw = {k: dict(v or {}) for k, v in raw.items()}
+    raw = {k: dict(v or {}) if k in SECTIONS else v for k, v in raw.items()}
     train_seq_len = raw.get("train", {}).get("seq_len")
     model = raw.setdefault("model", {})
     if train_seq_len is not None and "bhyt_context_len" not in model:
@@ -189,6 +190,9 @@ def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world
         )
     if not exists and run.path.is_dir() and any(run.path.iterdir()):
         raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
+    if exists:  # a resumed run loads the plugins it was trained with (unchanged files only)
+        recorded = load_recorded(run.read_plugins(), run.path)
+        raw = {**raw, "plugins": list(dict.fromkeys(recorded + raw.get("plugins", [])))}
     data_cfg = RunConfig.from_dict(raw, vocab_size=1).data  # every section checked before tokenizing
     distributed.barrier(world)
     _main_first(world, run.create)
@@ -209,6 +213,7 @@ def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world
     distributed.barrier(world)
     if world.is_main:
         run.write_config(resolved)
+        run.write_plugins(record(cfg.plugins))
         tokenizer.save(run.tokenizer_path)  # evaluate, generate and export read it from the run
     return trainer.fit()
 
