@@ -178,3 +178,13 @@ def test_generate_cli_bad_input_exits_2(byte_run, args, message):
     result = _cli(byte_run, *args)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_left_padded_prompts_generate_as_each_alone():
+    model = _trained_like("bhyt")
+    short, long = torch.tensor([[5, 9, 2]]), torch.tensor([[7, 1, 3, 8, 4, 6]])
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out = model.generate(batch, 7, attention_mask=mask)
+    assert torch.equal(out[0, 6:], model.generate(short, 7)[0, 3:])
+    assert torch.equal(out[1], model.generate(long, 7)[0])

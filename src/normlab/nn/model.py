@@ -97,18 +97,20 @@ class NormLM(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 seed: int | None = None) -> torch.Tensor:
+                 seed: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt plus continuation, (B, T + n). ``temperature`` 0 is greedy decoding; otherwise
         sample from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens
         and to the smallest set whose probability reaches ``top_p``. A sequence that emits
-        ``eos_token_id`` is padded with it; all of them doing so stops early."""
-        new = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed))
+        ``eos_token_id`` is padded with it; all of them doing so stops early. Prompts of
+        different lengths are left-padded, with ``attention_mask`` (B, T) 0 on the padding."""
+        new = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                               attention_mask))
         return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
 
     @torch.inference_mode()
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-               seed: int | None = None) -> Iterator[torch.Tensor]:
+               seed: int | None = None, attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """``generate`` one step at a time: yields the next token of every sequence, (B,).
         The prompt is run once; each new token attends to the cached keys and values."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -123,8 +125,20 @@ class NormLM(nn.Module):
         cache = self.new_cache(batch, length + max_new_tokens)
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens = input_ids
+        keys = positions = None
+        if attention_mask is not None:  # left padding: real tokens count positions from 0
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError("attention_mask: expected the shape of input_ids")
+            keys = torch.ones(batch, length + max_new_tokens, dtype=torch.bool, device=input_ids.device)
+            keys[:, :length] = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         for _ in range(max_new_tokens):
-            hidden, _ = self.model(tokens, cache=cache)
+            if keys is None:
+                hidden, _ = self.model(tokens, cache=cache)
+            else:
+                seen = cache.get_seq_length() + tokens.shape[1]
+                hidden, _ = self.model(tokens, cache=cache, position_ids=positions, attention_mask=keys[:, :seen])
+                positions = positions[:, -1:] + 1
             logits = self.lm_head(hidden[:, -1]).float()
             tokens = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
