@@ -1,8 +1,10 @@
 """``normlab bench``: speed ratios measured side by side in one run.
 
 Absolute times on shared machines are noisy, so every benchmark times its candidates in
-interleaved rounds (A, B, C, A, B, C, ...) with ``torch.utils.benchmark.Timer`` and reports the
-median time of each candidate divided by the reference's median.
+interleaved rounds with ``torch.utils.benchmark.Timer``, the order reversed every other round
+(A, B, C, C, B, A, ...: whichever runs first in a pair tends to measure slower), and reports the
+median time of each candidate divided by the reference's median, with the interquartile range of
+the per-round ratios as its spread.
 """
 
 from __future__ import annotations
@@ -24,15 +26,37 @@ from normlab.nn.registry import NORMS, make_norm, shares_statistic
 from normlab.strategies import STRATEGIES
 
 
-def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, number: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in alternating rounds (``Timer.timeit``
-    warms up before each measurement)."""
+class Timings(dict):
+    """Median seconds per call of each candidate (the mapping), with the per-round samples."""
+
+    def __init__(self, samples: dict[str, list[float]]) -> None:
+        super().__init__({name: statistics.median(times) for name, times in samples.items()})
+        self.samples = samples
+
+    def ratio(self, name: str, reference: str) -> dict[str, Any]:
+        """median(name) / median(reference), and the interquartile range of the ratios of the
+        two within each round."""
+        per_round = sorted(a / b for a, b in zip(self.samples[name], self.samples[reference], strict=True))
+        quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+        return {"ratio": self[name] / self[reference], "iqr": [quartiles[0], quartiles[-1]]}
+
+
+def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, number: int) -> Timings:
+    """Seconds per call of each candidate, timed in rounds whose order alternates between
+    forward and reversed (``Timer.timeit`` warms up before each measurement)."""
     timers = {name: Timer(stmt="fn()", globals={"fn": fn}) for name, fn in candidates.items()}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer.timeit(number).mean)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    for index in range(rounds):
+        order = list(timers) if index % 2 == 0 else list(reversed(timers))
+        for name in order:
+            samples[name].append(timers[name].timeit(number).mean)
+    return Timings(samples)
+
+
+def _ratio_text(entry: dict[str, Any]) -> str:
+    """'0.992 (IQR 0.97-1.01)'."""
+    low, high = entry["iqr"]
+    return f"{entry['ratio']:.3f} (IQR {low:.3f}-{high:.3f})"
 
 
 def _train_step(model, ids: torch.Tensor, logits_of: Callable) -> Callable[[], None]:
@@ -79,9 +103,8 @@ def bench_vs_hf(cfg: ModelConfig, ids: torch.Tensor, rounds: int) -> dict[str, A
                          "transformers": _train_step(hf, ids, hf_logits)}, rounds, 1)
     with torch.no_grad():
         forward = interleaved({"normlab": lambda: ours(ids), "transformers": lambda: hf_logits(hf, ids)}, rounds, 1)
-    return {"train_step": train, "forward": forward,
-            "train_ratio": train["normlab"] / train["transformers"],
-            "forward_ratio": forward["normlab"] / forward["transformers"]}
+    return {"train_step": train, "forward": forward, "train_ratio": train.ratio("normlab", "transformers"),
+            "forward_ratio": forward.ratio("normlab", "transformers")}
 
 
 def bench_generation(cfg: ModelConfig, rounds: int, device: torch.device, new_tokens: int = 128,
@@ -105,7 +128,7 @@ def bench_generation(cfg: ModelConfig, rounds: int, device: torch.device, new_to
         "transformers": lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
     }, rounds, 1)
     return {"seconds": times, "new_tokens": new_tokens, "same_tokens": same,
-            "ratio": times["normlab"] / times["transformers"]}
+            **times.ratio("normlab", "transformers")}
 
 
 def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: int = 200,
@@ -152,7 +175,7 @@ def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: in
         }, rounds, 1)
     return {"seconds": times, "items": len(lines), "choices": len(requests), "batch_size": batch_size,
             "tokenizer": tokenizer.name, "data": "arc_easy" if source.is_file() else "synthetic",
-            "ratio": times["normlab"] / times["lm-eval"]}
+            **times.ratio("normlab", "lm-eval")}
 
 
 def bench_moe(cfg: ModelConfig, ids: torch.Tensor, rounds: int, experts: int = 8, top_k: int = 2) -> dict[str, Any]:
@@ -172,10 +195,10 @@ def bench_moe(cfg: ModelConfig, ids: torch.Tensor, rounds: int, experts: int = 8
     times = interleaved({"dense": _train_step(dense, ids, lambda m, x: m(x)), "moe": moe_step}, rounds, 1)
     return {"seconds": times, "experts": experts, "top_k": top_k, "expert_hidden": hidden,
             "active_params": {"dense": dense.num_active_params(), "moe": moe.num_active_params()},
-            "ratio": times["moe"] / times["dense"]}
+            **times.ratio("moe", "dense")}
 
 
-def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: list[str]) -> dict[str, float]:
+def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: list[str]) -> Timings:
     """Train-step time of each strategy (same sizes) in seconds."""
     steps = {}
     for name in names:
@@ -184,7 +207,7 @@ def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: li
     return interleaved(steps, rounds, 1)
 
 
-def bench_norms(cfg: ModelConfig, tokens: int, rounds: int, device: torch.device) -> dict[str, float]:
+def bench_norms(cfg: ModelConfig, tokens: int, rounds: int, device: torch.device) -> Timings:
     """Forward + backward of one norm of each registered type on (tokens, d_model) in seconds
     (a shared-statistic type is timed as its per-site twin, 'none' is left out)."""
     x = torch.randn(tokens, cfg.d_model, device=device, requires_grad=True)
@@ -226,37 +249,37 @@ def run_bench(d_model: int = 256, n_layers: int = 4, n_heads: int = 4, seq_len: 
     if result["vs_transformers"]:
         r = result["vs_transformers"]
         _say("\nnormlab pre_norm / transformers LlamaForCausalLM (same weights; < 1 = normlab faster)")
-        _say(f"  train step (fwd+bwd)  {r['train_ratio']:.3f}   ({r['train_step']['normlab'] * 1e3:.1f} ms "
+        _say(f"  train step (fwd+bwd)  {_ratio_text(r['train_ratio'])}   ({r['train_step']['normlab'] * 1e3:.1f} ms "
              f"vs {r['train_step']['transformers'] * 1e3:.1f} ms)")
-        _say(f"  forward               {r['forward_ratio']:.3f}")
+        _say(f"  forward               {_ratio_text(r['forward_ratio'])}")
     else:
         _say("\n(transformers not installed: skipping the Hugging Face comparison)")
     generation = result["generation"] = bench_generation(cfg, rounds, dev)
     if generation:
         _say(f"\ngreedy generation, batch 1, {generation['new_tokens']} new tokens, KV cache: "
-             f"normlab / transformers = {generation['ratio']:.3f} "
+             f"normlab / transformers = {_ratio_text(generation)} "
              f"({generation['seconds']['normlab'] * 1e3 / generation['new_tokens']:.2f} vs "
              f"{generation['seconds']['transformers'] * 1e3 / generation['new_tokens']:.2f} ms per token; "
              f"same tokens: {generation['same_tokens']})")
     scoring = result["scoring"] = bench_scoring(cfg, max(1, rounds // 2), dev)
     if scoring:
         _say(f"\nmultiple-choice scoring, {scoring['items']} {scoring['data']} items ({scoring['choices']} choices), "
-             f"{scoring['tokenizer']}, batch {scoring['batch_size']}: normlab evaluate / lm-eval hf = {scoring['ratio']:.3f} "
+             f"{scoring['tokenizer']}, batch {scoring['batch_size']}: normlab evaluate / lm-eval hf = {_ratio_text(scoring)} "
              f"({scoring['seconds']['normlab']:.2f} s vs {scoring['seconds']['lm-eval']:.2f} s)")
     moe = result["moe"] = bench_moe(cfg, ids, rounds)
     _say(f"\nMoE train step ({moe['experts']} experts, top-{moe['top_k']}, width {moe['expert_hidden']}) / dense "
-         f"step with the same active parameters = {moe['ratio']:.3f}")
+         f"step with the same active parameters = {_ratio_text(moe)}")
     steps = bench_strategies(cfg, ids, rounds, names)
-    base = steps.get("pre_norm", next(iter(steps.values())))
-    result["strategies"] = {n: {"seconds": t, "ratio_to_pre_norm": t / base} for n, t in steps.items()}
-    _say("\ntrain step relative to pre_norm")
+    base = "pre_norm" if "pre_norm" in steps else next(iter(steps))
+    result["strategies"] = {n: {"seconds": t, "ratio_to_pre_norm": steps.ratio(n, base)} for n, t in steps.items()}
+    _say(f"\ntrain step relative to {base}")
     for name, entry in result["strategies"].items():
-        _say(f"  {name:<16} {entry['ratio_to_pre_norm']:.3f}")
+        _say(f"  {name:<16} {_ratio_text(entry['ratio_to_pre_norm'])}")
     norms = bench_norms(cfg, batch_size * seq_len, rounds, dev)
-    result["norms"] = {n: {"seconds": t, "ratio_to_rmsnorm": t / norms["rmsnorm"]} for n, t in norms.items()}
+    result["norms"] = {n: {"seconds": t, "ratio_to_rmsnorm": norms.ratio(n, "rmsnorm")} for n, t in norms.items()}
     _say("\nnorm forward+backward relative to rmsnorm (eager, no fused kernels)")
     for name, entry in result["norms"].items():
-        _say(f"  {name:<16} {entry['ratio_to_rmsnorm']:.3f}")
+        _say(f"  {name:<16} {_ratio_text(entry['ratio_to_rmsnorm'])}")
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         _say(f"\nsaved {out}")
