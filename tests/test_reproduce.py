@@ -40,7 +40,8 @@ def run(rms=(1.0, 2.0), angular=(0.5, 0.1), drop=(1.0, 0.2), grads=(1.0, 1.0), v
                             for i, s in enumerate(saturation or [])],
         "bhyt_statistic": [{"pearson_r": r} for r in pearson] if pearson else None,
     }
-    return RunData({"final_val_loss": val_loss}, [{"step": 1, "grad_norm": {"total": list(grads)}}], diagnostics)
+    return RunData({"final_val_loss": val_loss, "status": "finished"},
+                   layers=[{"step": 1, "grad_norm": {"total": list(grads)}}], diagnostics=diagnostics)
 
 
 def test_effect_verdicts_on_hand_made_numbers():
@@ -96,6 +97,16 @@ def test_hybridnorm_loss_statistic_and_missing_run():
     assert result["effects"]["HybridNorm − HybridNorm* val loss"]["values"] == pytest.approx([-0.05, -0.15])
 
 
+def test_mixln_alpha_and_dyt_scalar_statistics():
+    stat = CLAIMS["7"].statistic({"pre_norm": run(val_loss=2.3), "mixln": run(val_loss=2.1),
+                                  "mixln[model.mixln_alpha=0.5]": run(val_loss=2.0)})
+    assert stat == {"loss(α=0) − loss(α=0.25)": pytest.approx(0.2), "loss(α=0.5) − loss(α=0.25)": pytest.approx(-0.1)}
+    assert CLAIMS["21"].statistic({"dyt": run(val_loss=2.0), "dyt[model.embed_scale=false]": run(val_loss=3.5)}) == {
+        "DyT without − with √d scalar val loss": pytest.approx(1.5)}
+    assert CLAIMS["21"].statistic({"dyt": run(val_loss=2.0), "dyt[model.embed_scale=false]": run(val_loss=None)}) == {
+        "DyT without − with √d scalar val loss": None}
+
+
 def test_bhyt_statistics():
     assert CLAIMS["16"].statistic({"bhyt": run(pearson=(0.999, 0.995))}) == {
         "min Pearson r − 0.99": pytest.approx(0.005)}
@@ -112,7 +123,7 @@ def test_unknown_claim_id_is_one_line_exit_2(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "normlab: error: claim 'x7' is not implemented; choose from 1, 2, 3, 9, 15, 16, 18 or all"]
+        "normlab: error: claim 'x7' is not implemented (did you mean '7'?); choose from 1, 2, 3, 7, 9, 15, 16, 18, 21 or all"]
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +149,13 @@ def test_smoke_budget_end_to_end(smoke):
     assert all(e["n"] == 1 for c in record["claims"] for e in c["effects"].values())  # every effect measured
     assert (out / "reproduce.md").read_text().splitlines()[0] == SMOKE_DISCLAIMER
     assert all((out / "plots" / f"claim-{c}.png").is_file() for c in CLAIMS)
-    # runs shared between claims are trained once: pre_norm serves claims 1, 2, 3, 9 and 15
-    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
-        f"{v}-s0" for v in ("pre_norm", "post_norm", "hybridnorm", "hybridnorm_star", "dyt", "bhyt"))
+    # runs shared between claims are trained once: pre_norm serves claims 1, 2, 3, 7, 9, 15 and 21
+    variants = ("pre_norm", "post_norm", "mixln", "mixln_model.mixln_alpha=0.5", "hybridnorm", "hybridnorm_star",
+                "dyt", "dyt_model.embed_scale=false", "bhyt")
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{v}-s0" for v in variants)
     # re-running trains nothing
     assert second.returncode == 0
-    assert second.stderr.count("already done, skipped") == 6
+    assert second.stderr.count("already done, skipped") == len(variants)
     assert "training" not in second.stderr
 
 

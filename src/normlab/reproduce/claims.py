@@ -19,10 +19,12 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 
 @dataclass
 class RunData:
-    """What a statistic may read of one finished run: ``summary`` (compare's ``run_summary``),
-    ``layers`` (``layers.jsonl`` records) and ``diagnostics`` (``diagnose`` on the last checkpoint)."""
+    """What a statistic may read of one run: ``summary`` (compare's ``run_summary``; its losses
+    are None unless the run finished), ``layers`` (``layers.jsonl`` records) and ``diagnostics``
+    (``diagnose`` on the last checkpoint; None unless the run finished), ``metrics`` (``metrics.jsonl``)."""
 
     summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: dict[str, Any] | None = None
 
@@ -39,8 +41,9 @@ class Claim:
     variants: str  # compare's variant syntax: "pre_norm,bhyt[model.bhyt_kappa=5]"
     statistic: Callable[[Runs], dict[str, float | None]]
     effect: str  # what a positive effect means, with its unit
-    profile: Callable[[RunData], list[float]]  # the per-layer curve the claim's plot shows
+    profile: Callable[[RunData], list[float]]  # the curve the claim's plot shows per variant
     profile_label: str
+    profile_axis: str = "layer"
 
 
 # ---------------------------------------------------------------- per-layer profiles
@@ -76,9 +79,9 @@ def bhyt_pearson(run: RunData) -> list[float]:
     return [row["pearson_r"] for row in run.diagnostics["bhyt_statistic"] or []]
 
 
-def validation_loss(run: RunData) -> list[float]:
-    """Final validation loss (one point)."""
-    return [run.summary["final_val_loss"]]
+def validation_curve(run: RunData) -> list[float]:
+    """Validation loss at each evaluation."""
+    return [r["val_loss"] for r in run.metrics if r.get("val_loss") is not None]
 
 
 # ---------------------------------------------------------------- statistics
@@ -136,18 +139,40 @@ def gradient_tilt(runs: Runs) -> dict[str, float | None]:
             "−Pre-Norm ln-grad tilt": None if pre is None else -pre}
 
 
+def loss_gap(runs: Runs, worse: str, better: str) -> float | None:
+    """Final validation loss of ``worse`` minus ``better``; None unless both finished."""
+    losses = [runs[label].summary["final_val_loss"] if label in runs else None for label in (worse, better)]
+    return None if None in losses else losses[0] - losses[1]
+
+
 def hybridnorm_loss_gain(runs: Runs) -> dict[str, float | None]:
     """Pre-Norm minus HybridNorm(*) final validation loss, and HybridNorm minus HybridNorm*
     (> 0: the claimed order)."""
-    def loss(label: str) -> float | None:
-        return runs[label].summary["final_val_loss"] if label in runs else None
-
     def gap(a: str, b: str) -> float | None:
-        return None if loss(a) is None or loss(b) is None else loss(a) - loss(b)
+        return loss_gap(runs, a, b)
 
     return {"Pre-Norm − HybridNorm val loss": gap("pre_norm", "hybridnorm"),
             "Pre-Norm − HybridNorm* val loss": gap("pre_norm", "hybridnorm_star"),
             "HybridNorm − HybridNorm* val loss": gap("hybridnorm", "hybridnorm_star")}
+
+
+MIXLN_HALF = "mixln[model.mixln_alpha=0.5]"  # α = 0 is Pre-Norm; the default mixln is α = 0.25
+
+
+def mixln_alpha_u_shape(runs: Runs) -> dict[str, float | None]:
+    """Final validation loss at α = 0 (Pre-Norm) and at α = 0.5 minus at α = 0.25 (> 0 both:
+    a U with its minimum near 0.25)."""
+    return {"loss(α=0) − loss(α=0.25)": loss_gap(runs, "pre_norm", "mixln"),
+            "loss(α=0.5) − loss(α=0.25)": loss_gap(runs, MIXLN_HALF, "mixln")}
+
+
+DYT_NO_SCALAR = "dyt[model.embed_scale=false]"
+
+
+def dyt_needs_embedding_scalar(runs: Runs) -> dict[str, float | None]:
+    """Final validation loss of DyT without the √d embedding scalar minus with it (> 0: worse
+    without; a run that diverged or stalled counts through its loss or is left out)."""
+    return {"DyT without − with √d scalar val loss": loss_gap(runs, DYT_NO_SCALAR, "dyt")}
 
 
 #: the paper's correlation between BHyT's approximated and exact FFN-site statistic
@@ -189,11 +214,16 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "qualitative (figure): Post-Norm early gradients vanish, Pre-Norm deep gradients explode/shrink",
           "pre_norm,post_norm", gradient_tilt, "deep-half minus shallow-half mean ln ‖∂L/∂θ_l‖ at step 1",
           first_step_grad_norms, "‖∂L/∂θ_l‖ at step 1"),
+    Claim("7", "Mix-LN Table 5",
+          "Mix-LN perplexity is U-shaped in α, with its minimum near 0.17–0.25.",
+          "LLaMA-71M PPL against α: minimum at α ≈ 0.25 (Table 5)",
+          f"pre_norm,mixln,{MIXLN_HALF}", mixln_alpha_u_shape, "val loss difference (nats/token)",
+          validation_curve, "val loss", "evaluation"),
     Claim("9", "HybridNorm Tables 6, 7",
           "HybridNorm and HybridNorm* reach lower loss than Pre-Norm at equal tokens; HybridNorm* ≤ HybridNorm.",
           "550M: loss Pre-Norm 2.751, HybridNorm 2.737, HybridNorm* 2.731",
           "pre_norm,hybridnorm,hybridnorm_star", hybridnorm_loss_gain, "val loss difference (nats/token)",
-          validation_loss, "final val loss"),
+          validation_curve, "val loss", "evaluation"),
     Claim("15", "BHyT Fig. 3",
           "BHyT's residual-stream magnitude grows far less with depth than under Pre-Norm (RMSNorm) or DyT.",
           "Llama-1B last layer mean |x|: RMSNorm ≈ 700, DyT ≈ 320–390, BHyT ≈ 140",
@@ -209,6 +239,11 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "BHyT saturation ≤ 1/κ² = 1% (κ = 10)",
           "dyt,bhyt", saturation_by_depth, "saturation-rate margin / depth trend (fraction of elements)",
           tanh_saturation, "share |tanh arg| > 2"),
+    Claim("21", "DyT §4 (LLaMA: learnable scalar after the embedding)",
+          "DyT trains like RMSNorm with the width-rule α₀ and the √d embedding scalar; without the scalar it stalls.",
+          "LLaMA 7B–70B: without the scalar, DyT training stalls early (no number given)",
+          f"pre_norm,dyt,{DYT_NO_SCALAR}", dyt_needs_embedding_scalar, "val loss difference (nats/token)",
+          validation_curve, "val loss", "evaluation"),
 )}
 
 

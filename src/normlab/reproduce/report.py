@@ -33,21 +33,23 @@ def effect_text(effect: dict[str, Any]) -> str:
 
 
 def claim_figure(result: dict[str, Any]) -> plt.Figure:
-    """Left: the claim's per-layer profile of each variant (mean over seeds); right: each
-    effect's mean and 95% CI, positive = as the paper claims."""
+    """Left: the claim's profile of each variant (mean over the seeds whose run finished);
+    right: each effect's mean and 95% CI, positive = as the paper claims."""
     claim, by_seed = result["claim"], result["by_seed"]
     labels = list(dict.fromkeys(label for runs in by_seed.values() for label in runs))
     palette = plots.colors(labels)
     with plt.rc_context(plots.STYLE):
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
         for label in labels:
-            curves = [claim.profile(runs[label]) for runs in by_seed.values() if label in runs]
+            curves = [claim.profile(runs[label]) for runs in by_seed.values()
+                      if label in runs and runs[label].summary["status"] == "finished"]
             curves = [c for c in curves if c]
             if curves:
                 width = min(map(len, curves))
                 mean = np.mean([c[:width] for c in curves], axis=0)
                 left.plot(range(width), mean, marker="o", ms=3, color=palette[label], label=label)
-        left.set(title=f"Claim {claim.id}: {claim.profile_label}", xlabel="layer", ylabel=claim.profile_label)
+        left.set(title=f"Claim {claim.id}: {claim.profile_label}", xlabel=claim.profile_axis,
+                 ylabel=claim.profile_label)
         left.xaxis.set_major_locator(MaxNLocator(integer=True))
         if left.get_lines():
             left.legend()

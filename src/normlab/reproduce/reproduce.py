@@ -39,10 +39,10 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                      "train.save_every=12", "train.keep_last=1", "train.record_every=6"),
            (0,), 1, "tiny models, 12 steps, 1 seed: checks the machinery only"),
     Budget("cpu", ("model.d_model=64", "model.n_layers=12", "model.n_heads=4", "model.n_kv_heads=4",
-                   "model.max_seq_len=128", "train.batch_size=16", "train.seq_len=128", "train.max_steps=1500",
-                   "train.warmup_steps=100", "train.lr=3e-3", "train.eval_every=250", "train.save_every=500",
-                   "train.record_every=150", *_SCHEDULE),
-           (0, 1, 2), 4, "d_model 64, 12 layers, 1500 steps × 2,048 tokens, 3 seeds (~2 h on 2 cores, --jobs 2)"),
+                   "model.max_seq_len=128", "train.batch_size=16", "train.seq_len=128", "train.max_steps=1000",
+                   "train.warmup_steps=100", "train.lr=3e-3", "train.eval_every=100", "train.save_every=500",
+                   "train.record_every=100", *_SCHEDULE),
+           (0, 1, 2), 4, "d_model 64, 12 layers, 1000 steps × 2,048 tokens, 3 seeds (~2 h on 2 cores, --jobs 2)"),
     Budget("gpu", ("model.d_model=256", "model.n_layers=24", "model.n_heads=4", "model.n_kv_heads=4",
                    "model.max_seq_len=256", "train.batch_size=32", "train.seq_len=256", "train.max_steps=10000",
                    "train.warmup_steps=500", "train.lr=1e-3", "train.eval_every=1000", "train.save_every=2000",
@@ -96,22 +96,21 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     results = []
     for claim in claims:
         labels = [v.label for v in parse_variants(claim.variants)]
-        by_seed = {seed: {label: data[label, seed] for label in labels if data[label, seed] is not None}
-                   for seed in seeds}
+        by_seed = {seed: {label: data[label, seed] for label in labels} for seed in seeds}
         results.append({"claim": claim, "by_seed": by_seed, **evaluate_claim(claim, by_seed)})
     return write_report(out, budget, seeds, results)
 
 
-def measure(run: RunDir, seed: int, batches: int) -> RunData | None:
-    """A finished run's summary, layer records and diagnostics (computed once, into
-    RUN/diagnose/diagnostics.json, for its newest checkpoint); None for a run that did not finish."""
+def measure(run: RunDir, seed: int, batches: int) -> RunData:
+    """A run's summary, layer records and, when it finished, diagnostics (computed once, into
+    RUN/diagnose/diagnostics.json, for its newest checkpoint). A diverged run is data too."""
     summary = run_summary(run, seed)
     if summary["status"] != "finished":
-        return None
+        return RunData(summary, run.read_metrics(), run.read_layer_stats())
     step = list_checkpoints(run.checkpoints)[-1].step
     saved = run.path / "diagnose" / "diagnostics.json"
     diagnostics: dict[str, Any] | None = json.loads(saved.read_text()) if saved.is_file() else None
     if diagnostics is None or diagnostics["step"] != step:
         diagnostics = diagnose(run.path, run.path / "diagnose", step=step, batches=batches, progress=False)
-    return RunData(summary, run.read_layer_stats(), diagnostics)
+    return RunData(summary, run.read_metrics(), run.read_layer_stats(), diagnostics)
 
