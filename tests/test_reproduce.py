@@ -97,6 +97,24 @@ def test_hybridnorm_loss_statistic_and_missing_run():
     assert result["effects"]["HybridNorm − HybridNorm* val loss"]["values"] == pytest.approx([-0.05, -0.15])
 
 
+def test_a_diverged_run_is_data_not_a_crash(tmp_path):
+    from normlab.reproduce.report import claim_figure
+    from normlab.reproduce.reproduce import measure
+    from normlab.train.rundir import RunDir
+
+    directory = RunDir(tmp_path / "bhyt-s1")
+    directory.create()
+    directory.write_status("diverged", reason="loss 1e9 at step 3")
+    diverged = measure(directory, 1, batches=1)
+    assert diverged.summary["status"] == "diverged" and diverged.diagnostics is None
+    by_seed = {0: {"pre_norm": run(rms=(1, 8)), "dyt": run(rms=(1, 4)), "bhyt": run(rms=(1, 2))},
+               1: {"pre_norm": run(rms=(1, 8)), "dyt": run(rms=(1, 4)), "bhyt": diverged}}
+    result = {"claim": CLAIMS["15"], "by_seed": by_seed, **evaluate_claim(CLAIMS["15"], by_seed)}
+    assert [e["n"] for e in result["effects"].values()] == [1, 1]
+    assert result["verdict"] == INCONCLUSIVE
+    assert claim_figure(result).axes[0].get_lines()  # the finished seed is still drawn
+
+
 def test_mixln_alpha_and_dyt_scalar_statistics():
     stat = CLAIMS["7"].statistic({"pre_norm": run(val_loss=2.3), "mixln": run(val_loss=2.1),
                                   "mixln[model.mixln_alpha=0.5]": run(val_loss=2.0)})

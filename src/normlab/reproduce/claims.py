@@ -148,12 +148,9 @@ def loss_gap(runs: Runs, worse: str, better: str) -> float | None:
 def hybridnorm_loss_gain(runs: Runs) -> dict[str, float | None]:
     """Pre-Norm minus HybridNorm(*) final validation loss, and HybridNorm minus HybridNorm*
     (> 0: the claimed order)."""
-    def gap(a: str, b: str) -> float | None:
-        return loss_gap(runs, a, b)
-
-    return {"Pre-Norm − HybridNorm val loss": gap("pre_norm", "hybridnorm"),
-            "Pre-Norm − HybridNorm* val loss": gap("pre_norm", "hybridnorm_star"),
-            "HybridNorm − HybridNorm* val loss": gap("hybridnorm", "hybridnorm_star")}
+    return {"Pre-Norm − HybridNorm val loss": loss_gap(runs, "pre_norm", "hybridnorm"),
+            "Pre-Norm − HybridNorm* val loss": loss_gap(runs, "pre_norm", "hybridnorm_star"),
+            "HybridNorm − HybridNorm* val loss": loss_gap(runs, "hybridnorm", "hybridnorm_star")}
 
 
 MIXLN_HALF = "mixln[model.mixln_alpha=0.5]"  # α = 0 is Pre-Norm; the default mixln is α = 0.25

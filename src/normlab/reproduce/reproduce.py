@@ -23,6 +23,8 @@ from normlab.train.trainer import load_data
 
 @dataclass(frozen=True)
 class Budget:
+    """How big every run of a reproduction is; a claim's variants add their own overrides."""
+
     name: str
     overrides: tuple[str, ...]  # model size and schedule shared by every run of the budget
     seeds: tuple[int, ...]
