@@ -83,6 +83,19 @@ def test_gradient_tilt_statistic():
                     "−Pre-Norm ln-grad tilt": pytest.approx(math.log(4))}
 
 
+def test_mixln_gradient_spread_and_deep_layer_statistics():
+    # ln grads (0, 2): sample std sqrt(2); (0, 0): 0; (0, 4): 2 sqrt(2)
+    stat = CLAIMS["5"].statistic({"pre_norm": run(grads=(1, math.e ** 2)), "mixln": run(grads=(3, 3)),
+                                  "post_norm": run(grads=(1, math.e ** 4))})
+    assert stat == {"Pre-Norm − Mix-LN ln-grad spread": pytest.approx(math.sqrt(2)),
+                    "Post-Norm − Mix-LN ln-grad spread": pytest.approx(2 * math.sqrt(2))}
+    # deep halves: angular (0.3, 0.5) -> 0.4 vs (0.0, 0.2) -> 0.1; drop (1.0, 2.0) -> 1.5 vs (0.1, 0.1) -> 0.1
+    stat = CLAIMS["6"].statistic({"mixln": run(angular=(0.5, 0.5, 0.3, 0.5), drop=(3, 3, 1, 2)),
+                                  "pre_norm": run(angular=(0.6, 0.4, 0.0, 0.2), drop=(3, 1, 0.1, 0.1))})
+    assert stat == {"deep-half angular distance Mix-LN − Pre-Norm": pytest.approx(0.3),
+                    "deep-half layer-drop Δ Mix-LN − Pre-Norm": pytest.approx(1.4)}
+
+
 def test_hybridnorm_loss_statistic_and_missing_run():
     runs = {"pre_norm": run(val_loss=3.0), "hybridnorm": run(val_loss=2.9), "hybridnorm_star": run(val_loss=2.95)}
     assert CLAIMS["9"].statistic(runs) == {"Pre-Norm − HybridNorm val loss": pytest.approx(0.1),
@@ -141,7 +154,7 @@ def test_unknown_claim_id_is_one_line_exit_2(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "normlab: error: claim 'x7' is not implemented (did you mean '7'?); choose from 1, 2, 3, 7, 9, 15, 16, 18, 21 or all"]
+        "normlab: error: claim 'x7' is not implemented (did you mean '7'?); choose from 1, 2, 3, 5, 6, 7, 9, 15, 16, 18, 21 or all"]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +180,7 @@ def test_smoke_budget_end_to_end(smoke):
     assert all(e["n"] == 1 for c in record["claims"] for e in c["effects"].values())  # every effect measured
     assert (out / "reproduce.md").read_text().splitlines()[0] == SMOKE_DISCLAIMER
     assert all((out / "plots" / f"claim-{c}.png").is_file() for c in CLAIMS)
-    # runs shared between claims are trained once: pre_norm serves claims 1, 2, 3, 7, 9, 15 and 21
+    # runs shared between claims are trained once: pre_norm serves claims 1, 2, 3, 5, 6, 7, 9, 15 and 21
     variants = ("pre_norm", "post_norm", "mixln", "mixln_model.mixln_alpha=0.5", "hybridnorm", "hybridnorm_star",
                 "dyt", "dyt_model.embed_scale=false", "bhyt")
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{v}-s0" for v in variants)

@@ -90,10 +90,16 @@ def log_growth(values: list[float]) -> float:
     return math.log(values[-1] / values[0])
 
 
+def half_means(values: list[float]) -> tuple[float, float]:
+    """Mean over the shallower ⌊L/2⌋ layers and mean over the deeper ⌊L/2⌋."""
+    half = len(values) // 2
+    return sum(values[:half]) / half, sum(values[-half:]) / half
+
+
 def deep_minus_shallow(values: list[float]) -> float:
     """Mean over the deeper half of the layers minus mean over the shallower half."""
-    half = len(values) // 2
-    return sum(values[-half:]) / half - sum(values[:half]) / half
+    shallow, deep = half_means(values)
+    return deep - shallow
 
 
 def _measured(runs: Runs, *labels: str) -> bool:
@@ -143,6 +149,37 @@ def loss_gap(runs: Runs, worse: str, better: str) -> float | None:
     """Final validation loss of ``worse`` minus ``better``; None unless both finished."""
     losses = [runs[label].summary["final_val_loss"] if label in runs else None for label in (worse, better)]
     return None if None in losses else losses[0] - losses[1]
+
+
+def gradient_spread(run: RunData) -> float:
+    """Sample std over layers of ln ‖∂L/∂θ_l‖ at step 1 (0 = perfectly uniform)."""
+    logs = [math.log(g) for g in first_step_grad_norms(run)]
+    mean = sum(logs) / len(logs)
+    return math.sqrt(sum((v - mean) ** 2 for v in logs) / (len(logs) - 1))
+
+
+def mixln_gradients_more_uniform(runs: Runs) -> dict[str, float | None]:
+    """Spread of ln gradient norms over layers (``gradient_spread``) of Pre-Norm and of
+    Post-Norm minus Mix-LN's (> 0: Mix-LN more uniform)."""
+    def gap(other: str) -> float | None:
+        if not all(label in runs and runs[label].layers for label in (other, "mixln")):
+            return None
+        return gradient_spread(runs[other]) - gradient_spread(runs["mixln"])
+
+    return {"Pre-Norm − Mix-LN ln-grad spread": gap("pre_norm"),
+            "Post-Norm − Mix-LN ln-grad spread": gap("post_norm")}
+
+
+def mixln_deep_layers_matter_more(runs: Runs) -> dict[str, float | None]:
+    """Deep-half mean of d(l, l+1) and of the layer-drop Δ val loss, Mix-LN minus Pre-Norm
+    (> 0: Mix-LN's deep blocks do more)."""
+    if not _measured(runs, "mixln", "pre_norm"):
+        return {"deep-half angular distance Mix-LN − Pre-Norm": None, "deep-half layer-drop Δ Mix-LN − Pre-Norm": None}
+    mix, pre = runs["mixln"], runs["pre_norm"]
+    return {"deep-half angular distance Mix-LN − Pre-Norm":
+            half_means(adjacent_angular_distance(mix))[1] - half_means(adjacent_angular_distance(pre))[1],
+            "deep-half layer-drop Δ Mix-LN − Pre-Norm":
+            half_means(layer_drop_delta(mix))[1] - half_means(layer_drop_delta(pre))[1]}
 
 
 def hybridnorm_loss_gain(runs: Runs) -> dict[str, float | None]:
@@ -211,6 +248,18 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "qualitative (figure): Post-Norm early gradients vanish, Pre-Norm deep gradients explode/shrink",
           "pre_norm,post_norm", gradient_tilt, "deep-half minus shallow-half mean ln ‖∂L/∂θ_l‖ at step 1",
           first_step_grad_norms, "‖∂L/∂θ_l‖ at step 1"),
+    Claim("5", "Mix-LN Fig. 3e",
+          "With α ≈ 0.25, per-layer gradient norms are more uniform than under Pre-LN or Post-LN.",
+          "qualitative (figure): Mix-LN's gradient norms flat across layers",
+          "pre_norm,post_norm,mixln", mixln_gradients_more_uniform,
+          "difference in std over layers of ln ‖∂L/∂θ_l‖ at step 1",
+          first_step_grad_norms, "‖∂L/∂θ_l‖ at step 1"),
+    Claim("6", "Mix-LN Fig. 2–3",
+          "Mix-LN's deep layers show larger angular distances and larger layer-drop ΔP than Pre-LN's.",
+          "LLaMA-1B: Mix-LN deep-layer d(l, l+1) and ΔP clearly above Pre-LN's (figures)",
+          "pre_norm,mixln", mixln_deep_layers_matter_more,
+          "deep-half mean of d(l, l+1) [0, 1] and of Δ val loss (nats), Mix-LN minus Pre-Norm",
+          layer_drop_delta, "Δ val loss when block l is dropped"),
     Claim("7", "Mix-LN Table 5",
           "Mix-LN perplexity is U-shaped in α, with its minimum near 0.17–0.25.",
           "LLaMA-71M PPL against α: minimum at α ≈ 0.25 (Table 5)",
