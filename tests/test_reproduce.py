@@ -108,6 +108,9 @@ def test_hybridnorm_loss_statistic_and_missing_run():
     assert result["effects"]["Pre-Norm − HybridNorm val loss"]["n"] == 3
     assert result["effects"]["Pre-Norm − HybridNorm* val loss"]["n"] == 2
     assert result["effects"]["HybridNorm − HybridNorm* val loss"]["values"] == pytest.approx([-0.05, -0.15])
+    nan = evaluate_claim(CLAIMS["16"], {0: {"bhyt": run(pearson=(0.999, float("nan")))},
+                                            1: {"bhyt": run(pearson=(1.0,))}})
+    assert nan["effects"]["min Pearson r − 0.99"]["values"] == pytest.approx([0.01])
 
 
 def test_a_diverged_run_is_data_not_a_crash(tmp_path):

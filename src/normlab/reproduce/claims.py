@@ -216,10 +216,12 @@ BHYT_SATURATION_BOUND = 0.01
 
 
 def bhyt_statistic_tracks_exact(runs: Runs) -> dict[str, float | None]:
-    """min over blocks of Pearson r(ŝ², ms(Y)) minus 0.99 (> 0: r > 0.99 in every block)."""
+    """min over blocks of Pearson r(ŝ², ms(Y)) minus 0.99 (> 0: r > 0.99 in every block); NaN
+    when a block's r is undefined (a constant statistic)."""
     if not _measured(runs, "bhyt"):
         return {"min Pearson r − 0.99": None}
-    return {"min Pearson r − 0.99": min(bhyt_pearson(runs["bhyt"])) - PAPER_BHYT_PEARSON}
+    r = bhyt_pearson(runs["bhyt"])
+    return {"min Pearson r − 0.99": min(r) - PAPER_BHYT_PEARSON if all(map(math.isfinite, r)) else math.nan}
 
 
 def saturation_by_depth(runs: Runs) -> dict[str, float | None]:
@@ -321,10 +323,12 @@ def claim_verdict(effects: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate_claim(claim: Claim, runs_by_seed: dict[int, Runs]) -> dict[str, Any]:
-    """Per-seed effects of ``claim`` (seeds where an effect is None, e.g. a diverged run, are
-    left out), each effect's CI and verdict, and the claim's verdict."""
+    """Per-seed effects of ``claim`` (seeds where an effect is None or not finite, e.g. a
+    diverged run or a constant statistic's NaN correlation, are left out), each effect's CI and
+    verdict, and the claim's verdict."""
     per_seed = {seed: claim.statistic(runs) for seed, runs in runs_by_seed.items()}
     names = list(next(iter(per_seed.values()))) if per_seed else []
-    effects = {name: effect_verdict([v[name] for v in per_seed.values() if v[name] is not None])
+    effects = {name: effect_verdict([v[name] for v in per_seed.values()
+                                     if v[name] is not None and math.isfinite(v[name])])
                for name in names}
     return {"effects": effects, "verdict": claim_verdict(effects)}
