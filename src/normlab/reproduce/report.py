@@ -19,7 +19,9 @@ from normlab.compare.report import CSS
 from normlab.train.checkpoint import atomic_write_text
 
 SMOKE_DISCLAIMER = ("SMOKE BUDGET: these verdicts mean nothing; the smoke budget only checks that "
-                    "the machinery runs (tiny models, a few steps, one seed).")
+                    "the machinery runs (tiny models, a few steps).")
+#: the claims table wraps its long text cells (compare's tables hold short numbers)
+CLAIMS_CSS = "table.claims th,table.claims td{text-align:left;white-space:normal;vertical-align:top}"
 VERDICT_CSS = {"reproduced": "better", "not reproduced": "worse", "inconclusive": ""}
 
 
@@ -117,17 +119,17 @@ def render_html(record: dict[str, Any], figures: dict[str, Path]) -> str:
     esc = html.escape
     intro = _intro(record)
     parts = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>normlab reproduce</title>",
-             f"<style>{CSS}</style></head><body>"]
+             f"<style>{CSS}{CLAIMS_CSS}</style></head><body>"]
     if record["smoke"]:
         parts.append(f"<div class='headline worse'>{esc(intro.pop(0))}</div>")
     parts += ["<h1>normlab reproduce</h1>", *[f"<p class=muted>{esc(line)}</p>" for line in intro],
-              "<div class=scroll><table><tr><th>claim</th><th>paper</th><th>verdict</th>"
+              "<div class=scroll><table class=claims><tr><th>claim</th><th>paper</th><th>verdict</th>"
               "<th>paper's number</th><th>ours (effect, 95% CI)</th></tr>"]
     for c in record["claims"]:
         ours = "<br>".join(f"{esc(name)}: {esc(effect_text(e))}" for name, e in c["effects"].items())
         parts.append(f"<tr><td>{esc(c['id'])}</td><td>{esc(c['paper'])}</td>"
                      f"<td class='{VERDICT_CSS[c['verdict']]}'><b>{esc(c['verdict'])}</b></td>"
-                     f"<td style='white-space:normal'>{esc(c['paper_number'])}</td><td>{ours}</td></tr>")
+                     f"<td>{esc(c['paper_number'])}</td><td>{ours}</td></tr>")
     parts.append("</table></div>")
     for c in record["claims"]:
         data = base64.b64encode(figures[c["id"]].read_bytes()).decode()

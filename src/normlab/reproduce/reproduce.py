@@ -39,17 +39,17 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                      "model.max_seq_len=32", "train.batch_size=4", "train.seq_len=32", "train.max_steps=12",
                      "train.warmup_steps=2", "train.eval_every=12", "train.eval_batches=2", "train.log_every=4",
                      "train.save_every=12", "train.keep_last=1", "train.record_every=6"),
-           (0,), 1, "tiny models, 12 steps, 1 seed: checks the machinery only"),
+           (0,), 1, "d_model 32, 4 layers, 12 steps × 128 tokens: checks the machinery only"),
     Budget("cpu", ("model.d_model=64", "model.n_layers=12", "model.n_heads=4", "model.n_kv_heads=4",
                    "model.max_seq_len=128", "train.batch_size=16", "train.seq_len=128", "train.max_steps=900",
                    "train.warmup_steps=100", "train.lr=3e-3", "train.eval_every=100", "train.save_every=450",
                    "train.record_every=100", *_SCHEDULE),
-           (0, 1, 2), 2, "d_model 64, 12 layers, 900 steps × 2,048 tokens, 3 seeds (~2 h on 2 cores, --jobs 2)"),
+           (0, 1, 2), 2, "d_model 64, 12 layers, 900 steps × 2,048 tokens (~2 h on 2 cores with --jobs 2)"),
     Budget("gpu", ("model.d_model=256", "model.n_layers=24", "model.n_heads=4", "model.n_kv_heads=4",
                    "model.max_seq_len=256", "train.batch_size=32", "train.seq_len=256", "train.max_steps=10000",
                    "train.warmup_steps=500", "train.lr=1e-3", "train.eval_every=1000", "train.save_every=2000",
                    "train.record_every=500", *_SCHEDULE),
-           (0, 1, 2, 3, 4), 16, "d_model 256, 24 layers, 10,000 steps × 8,192 tokens, 5 seeds"),
+           (0, 1, 2, 3, 4), 16, "d_model 256, 24 layers, 10,000 steps × 8,192 tokens"),
 )}
 
 
