@@ -160,6 +160,15 @@ def test_unknown_claim_id_is_one_line_exit_2(tmp_path):
         "normlab: error: claim 'x7' is not implemented (did you mean '7'?); choose from 1, 2, 3, 5, 6, 7, 9, 15, 16, 18, 21 or all"]
 
 
+def test_unknown_budget_exits_2(tmp_path, capsys):
+    from normlab.cli import main
+
+    assert main(["reproduce", "1", "--budget", "tpu", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("normlab: error: --budget: unknown value 'tpu' (did you mean 'gpu'?); "
+                                       "choose one of smoke, cpu, gpu\n")
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")

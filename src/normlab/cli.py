@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", help="the papers' claims as experiments with verdicts (reproduced / not / inconclusive)",
         description="Train the runs the chosen claims (METHODS.md §6 numbers) need at one budget, "
         "once each and resumably, diagnose their last checkpoints and write reproduce.html, "
-        "reproduce.md and claims.json into --out: a verdict per claim with the effect's 95%% CI "
+        "reproduce.md and claims.json into --out: a verdict per claim with the effect's 95% CI "
         "over seeds beside the paper's number. Budgets: smoke (machinery only, ~1 min), cpu "
         "(~2 h on 2 cores with --jobs 2), gpu.")
     p.add_argument("claims", metavar="CLAIM,...|all", help="claim ids, e.g. 1,15, or all")
