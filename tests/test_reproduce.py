@@ -29,7 +29,7 @@ from test_compare import _chromium, assert_renders_in_chromium
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(rms=(1.0, 2.0), angular=(0.5, 0.1), drop=(1.0, 0.2), grads=(1.0, 1.0), val_loss=2.0,
+def run(rms=(0.1, 1.0, 2.0), angular=(0.5, 0.1), drop=(1.0, 0.2), grads=(1.0, 1.0), val_loss=2.0,
         saturation=None, pearson=None) -> RunData:
     """A hand-made run with the fields the statistics read."""
     diagnostics = {
@@ -60,9 +60,11 @@ def test_effect_verdicts_on_hand_made_numbers():
 
 
 def test_residual_growth_statistics():
-    stat = CLAIMS["1"].statistic({"pre_norm": run(rms=(0.5, 1.0, 4.0))})
-    assert stat == {"Pre-Norm ln RMS growth": pytest.approx(math.log(8))}
-    gap = CLAIMS["15"].statistic({"pre_norm": run(rms=(1, 8)), "dyt": run(rms=(1, 4)), "bhyt": run(rms=(1, 2))})
+    # the embedding output (0.1) is not part of the growth: ln(4 / 1)
+    stat = CLAIMS["1"].statistic({"pre_norm": run(rms=(0.1, 1.0, 2.0, 4.0))})
+    assert stat == {"Pre-Norm ln RMS growth": pytest.approx(math.log(4))}
+    gap = CLAIMS["15"].statistic({"pre_norm": run(rms=(0.1, 1, 8)), "dyt": run(rms=(1.5, 1, 4)),
+                                  "bhyt": run(rms=(0.1, 1, 2))})
     assert gap == {"Pre-Norm − BHyT ln RMS growth": pytest.approx(math.log(4)),
                    "DyT − BHyT ln RMS growth": pytest.approx(math.log(2))}
     assert CLAIMS["15"].statistic({"pre_norm": run(), "dyt": run()})["DyT − BHyT ln RMS growth"] is None
@@ -123,8 +125,8 @@ def test_a_diverged_run_is_data_not_a_crash(tmp_path):
     directory.write_status("diverged", reason="loss 1e9 at step 3")
     diverged = measure(directory, 1, batches=1)
     assert diverged.summary["status"] == "diverged" and diverged.diagnostics is None
-    by_seed = {0: {"pre_norm": run(rms=(1, 8)), "dyt": run(rms=(1, 4)), "bhyt": run(rms=(1, 2))},
-               1: {"pre_norm": run(rms=(1, 8)), "dyt": run(rms=(1, 4)), "bhyt": diverged}}
+    by_seed = {0: {"pre_norm": run(rms=(0.1, 1, 8)), "dyt": run(rms=(1, 1, 4)), "bhyt": run(rms=(0.1, 1, 2))},
+               1: {"pre_norm": run(rms=(0.1, 1, 8)), "dyt": run(rms=(1, 1, 4)), "bhyt": diverged}}
     result = {"claim": CLAIMS["15"], "by_seed": by_seed, **evaluate_claim(CLAIMS["15"], by_seed)}
     assert [e["n"] for e in result["effects"].values()] == [1, 1]
     assert result["verdict"] == INCONCLUSIVE

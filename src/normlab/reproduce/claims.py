@@ -85,9 +85,11 @@ def validation_curve(run: RunData) -> list[float]:
 
 
 # ---------------------------------------------------------------- statistics
-def log_growth(values: list[float]) -> float:
-    """ln(v_last / v_first): how much a per-depth quantity grows over the stack."""
-    return math.log(values[-1] / values[0])
+def log_growth(rms: list[float]) -> float:
+    """ln(RMS_L / RMS_1): growth of the residual stream from the first block's output to the
+    last block's. RMS_0, the embedding output, is left out: its scale is set by the embedding
+    init (and DyT's √d scalar), not by depth."""
+    return math.log(rms[-1] / rms[1])
 
 
 def half_means(values: list[float]) -> tuple[float, float]:
@@ -107,7 +109,7 @@ def _measured(runs: Runs, *labels: str) -> bool:
 
 
 def pre_norm_residual_growth(runs: Runs) -> dict[str, float | None]:
-    """ln(RMS_L / RMS_0) of the Pre-Norm residual stream (> 0: grows with depth)."""
+    """ln(RMS_L / RMS_1) of the Pre-Norm residual stream (> 0: grows with depth)."""
     return {"Pre-Norm ln RMS growth": log_growth(residual_rms(runs["pre_norm"]))
             if _measured(runs, "pre_norm") else None}
 
@@ -237,7 +239,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("1", "BHyT Fig. 3; LNS; Peri-LN",
           "Pre-Norm: residual-stream variance and magnitude grow monotonically with depth.",
           "RMSNorm Llama-1B last layer: mean |x| ≈ 700, variance ≈ 270–350",
-          "pre_norm", pre_norm_residual_growth, "ln(RMS leaving the last block / RMS entering the first)",
+          "pre_norm", pre_norm_residual_growth, "ln(RMS leaving the last block / RMS leaving the first)",
           residual_rms, "residual RMS"),
     Claim("2", "Mix-LN Fig. 2–3",
           "Pre-Norm: deeper blocks have smaller angular distance and smaller layer-drop ΔP than shallow ones.",
