@@ -165,16 +165,16 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
-def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
+def assert_renders_in_chromium(page, tmp_path) -> None:
+    """Screenshot ``page`` (an HTML file) in headless Chromium: not blank, and coloured pixels
+    (the embedded plots) present."""
     from matplotlib.image import imread
 
-    _, report, _ = sweep
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
-                    f"--screenshot={shot}", "--window-size=1100,2400", report.as_uri()],
+                    f"--screenshot={shot}", "--window-size=1100,2400", page.as_uri()],
                    capture_output=True, timeout=120, check=False)
     assert shot.is_file(), "chromium wrote no screenshot"
     pixels = imread(shot)[..., :3]
@@ -182,6 +182,12 @@ def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
     assert not_white > 0.05, f"screenshot is nearly blank ({not_white:.1%} non-white pixels)"
     colourful = (pixels.max(-1) - pixels.min(-1) > 0.25).mean()
     assert colourful > 0.002, "no coloured pixels: the plots did not render"
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
+    _, report, _ = sweep
+    assert_renders_in_chromium(report, tmp_path)
 
 
 def test_rerun_with_another_config_is_refused(sweep, tmp_path):

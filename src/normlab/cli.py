@@ -179,6 +179,18 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from normlab.config import check_choice
+    from normlab.reproduce import BUDGETS, reproduce, select_claims
+
+    claims = select_claims(args.claims)
+    check_choice("--budget", args.budget, tuple(BUDGETS))
+    seeds = _parse_list(args.seeds, int, "--seeds") if args.seeds else None
+    path = reproduce(claims, BUDGETS[args.budget], args.out, seeds=seeds, jobs=args.jobs, progress=not args.quiet)
+    print(f"reproduce report: {path} (verdicts in {args.out}/claims.json)")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from normlab.eval import default_results_path, evaluate_run
 
@@ -284,7 +296,7 @@ def _add_config_args(p: argparse.ArgumentParser, sections: str = "SECTION") -> N
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by the sweeps (compare, stability)."""
+    """Options shared by the sweeps (compare, stability, reproduce)."""
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once in worker processes, each with cpu_count/jobs threads "
                    "(default: %(default)s; 2 is ~1.5x faster for tiny models on 2 cores)")
@@ -403,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="(default: %(default)s)")
     _add_sweep_args(p)
     p.set_defaults(func=_cmd_stability)
+
+    p = add_verb(
+        "reproduce", help="the papers' claims as experiments with verdicts (reproduced / not / inconclusive)",
+        description="Train the runs the chosen claims (METHODS.md §6 numbers) need at one budget, "
+        "once each and resumably, diagnose their last checkpoints and write reproduce.html, "
+        "reproduce.md and claims.json into --out: a verdict per claim with the effect's 95% CI "
+        "over seeds beside the paper's number. Budgets: smoke (machinery only, ~1 min), cpu "
+        "(~1.5 h on 2 idle cores with --jobs 2), gpu.")
+    p.add_argument("claims", metavar="CLAIM,...|all", help="claim ids, e.g. 1,15, or all")
+    p.add_argument("--budget", default="smoke", help="smoke, cpu or gpu (default: %(default)s)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the budget's)")
+    _add_sweep_args(p)
+    p.set_defaults(func=_cmd_reproduce)
 
     p = add_verb(
         "evaluate", help="zero- and few-shot accuracy / perplexity of a run on evaluation tasks",

@@ -1,0 +1,118 @@
+"""``normlab reproduce``: train what the chosen claims need (once per run, resumable), measure
+the final checkpoints with ``diagnose`` and write the verdict report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normlab.compare.compare import Variant, parse_variants
+from normlab.compare.report import run_summary
+from normlab.compare.sweep import SweepRun, check_existing, run_dir, run_sweep
+from normlab.config import RunConfig, did_you_mean
+from normlab.diagnostics import diagnose
+from normlab.errors import ConfigError
+from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
+from normlab.reproduce.report import write_report
+from normlab.train.checkpoint import list_checkpoints
+from normlab.train.rundir import RunDir
+from normlab.train.trainer import load_data
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big every run of a reproduction is; a claim's variants add their own overrides."""
+
+    name: str
+    overrides: tuple[str, ...]  # model size and schedule shared by every run of the budget
+    seeds: tuple[int, ...]
+    diagnose_batches: int
+    note: str
+
+
+_SCHEDULE = ("train.log_every=10", "train.eval_batches=8", "train.keep_last=1", "train.min_lr_ratio=0.1",
+             "train.weight_decay=0.1", "train.grad_clip=1.0")
+BUDGETS: dict[str, Budget] = {b.name: b for b in (
+    Budget("smoke", ("model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.n_kv_heads=2",
+                     "model.max_seq_len=32", "train.batch_size=4", "train.seq_len=32", "train.max_steps=12",
+                     "train.warmup_steps=2", "train.eval_every=12", "train.eval_batches=2", "train.log_every=4",
+                     "train.save_every=12", "train.keep_last=1", "train.record_every=6"),
+           (0,), 1, "d_model 32, 4 layers, 12 steps × 128 tokens: checks the machinery only"),
+    Budget("cpu", ("model.d_model=64", "model.n_layers=12", "model.n_heads=4", "model.n_kv_heads=4",
+                   "model.max_seq_len=128", "train.batch_size=16", "train.seq_len=128", "train.max_steps=1500",
+                   "train.warmup_steps=150", "train.lr=3e-3", "train.eval_every=150", "train.save_every=750",
+                   "train.record_every=150", *_SCHEDULE),
+           (0, 1, 2), 4, "d_model 64, 12 layers, 1500 steps × 2,048 tokens (~1.5 h on 2 idle cores with --jobs 2)"),
+    Budget("gpu", ("model.d_model=256", "model.n_layers=24", "model.n_heads=4", "model.n_kv_heads=4",
+                   "model.max_seq_len=256", "train.batch_size=32", "train.seq_len=256", "train.max_steps=10000",
+                   "train.warmup_steps=500", "train.lr=1e-3", "train.eval_every=1000", "train.save_every=2000",
+                   "train.record_every=500", *_SCHEDULE),
+           (0, 1, 2, 3, 4), 16, "d_model 256, 24 layers, 10,000 steps × 8,192 tokens"),
+)}
+
+
+def select_claims(text: str) -> list[Claim]:
+    """'all' or comma-separated claim ids; an unknown id is a one-line error with a suggestion."""
+    if text.strip() == "all":
+        return list(CLAIMS.values())
+    chosen = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item not in CLAIMS:
+            raise ConfigError(f"claim '{item}' is not implemented{did_you_mean(item, [*CLAIMS, 'all'])}; "
+                              f"choose from {', '.join(CLAIMS)} or all")
+        chosen.append(CLAIMS[item])
+    if not chosen:
+        raise ConfigError("give claim ids (e.g. 1,15) or all")
+    return chosen
+
+
+def claim_variants(claims: list[Claim]) -> dict[str, Variant]:
+    """Every variant the claims name, once (runs shared between claims are trained once)."""
+    return {v.label: v for claim in claims for v in parse_variants(claim.variants)}
+
+
+def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[int] | None = None,
+              jobs: int = 1, progress: bool = True) -> Path:
+    """Train every (variant, seed) the claims need into OUT/runs, diagnose each finished run's
+    last checkpoint into RUN/diagnose, evaluate the claims and write the report; returns
+    reproduce.html's path."""
+    out = Path(out)
+    seeds = list(seeds or budget.seeds)
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds: give distinct integers, e.g. 0,1,2")
+    raw = RunConfig.load(None, list(budget.overrides))
+    _, tokenizer = load_data(RunConfig.from_dict(raw, vocab_size=1).data, progress)
+    variants = claim_variants(claims)
+    runs = [SweepRun(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
+                     [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
+            for v in variants.values() for seed in seeds]
+    check_existing(raw, runs, out, tokenizer.vocab_size)
+    run_sweep(raw, runs, out, progress, jobs)
+    data = {(run.labels["variant"], run.labels["seed"]): measure(run_dir(out, run), run.labels["seed"],
+                                                                 budget.diagnose_batches)
+            for run in runs}
+    results = []
+    for claim in claims:
+        labels = [v.label for v in parse_variants(claim.variants)]
+        by_seed = {seed: {label: data[label, seed] for label in labels} for seed in seeds}
+        results.append({"claim": claim, "by_seed": by_seed, **evaluate_claim(claim, by_seed)})
+    return write_report(out, budget, seeds, results)
+
+
+def measure(run: RunDir, seed: int, batches: int) -> RunData:
+    """A run's summary, layer records and, when it finished, diagnostics (computed once, into
+    RUN/diagnose/diagnostics.json, for its newest checkpoint). A diverged run is data too."""
+    summary = run_summary(run, seed)
+    if summary["status"] != "finished":
+        return RunData(summary, run.read_metrics(), run.read_layer_stats())
+    step = list_checkpoints(run.checkpoints)[-1].step
+    saved = run.path / "diagnose" / "diagnostics.json"
+    diagnostics: dict[str, Any] | None = json.loads(saved.read_text()) if saved.is_file() else None
+    if diagnostics is None or diagnostics["step"] != step:
+        diagnostics = diagnose(run.path, run.path / "diagnose", step=step, batches=batches, progress=False)
+    return RunData(summary, run.read_metrics(), run.read_layer_stats(), diagnostics)
+
