@@ -259,3 +259,24 @@ def test_unknown_eval_task_fails_before_training(tmp_path):
         compare(RunConfig.load(None, TINY), parse_variants("pre_norm"), [0], tmp_path / "o", progress=False,
                 evaluation=EvalSpec(["cope"], data_dir=str(data)))
     assert not (tmp_path / "o").exists()
+
+
+def test_budget_check_warns_when_losses_still_fall_faster_than_the_gaps(sweep):
+    from normlab.compare.report import budget_check
+
+    def entry(mean, drop):
+        return {"val_loss": {"mean": mean, "std": None, "n": 1}, "late_val_drop": {"mean": drop, "std": None, "n": 1}}
+
+    calm = budget_check({"a": entry(2.0, 0.01), "b": entry(2.1, 0.02), "c": entry(2.5, 0.0)}, ["a", "b", "c"])
+    assert calm["adequate"] and calm["min_gap"] == pytest.approx(0.1) and calm["message"] == ""
+    busy = budget_check({"a": entry(2.0, 0.01), "b": entry(2.1, 0.3)}, ["a", "b"])
+    assert not busy["adequate"] and busy["max_late_drop"] == 0.3 and "(b)" in busy["message"]
+
+    out, _, _ = sweep  # 16 steps, evaluated at 8 and 16: the late drop is val(8) - val(16)
+    summary = json.loads((out / "summary.json").read_text())
+    evaluated = [r for r in RunDir(out / "runs" / "pre_norm-s0").read_metrics() if r.get("val_loss") is not None]
+    assert [r["step"] for r in evaluated] == [8, 16]
+    run = summary["strategies"]["pre_norm"]["runs"][0]
+    assert run["late_val_drop"] == pytest.approx(evaluated[0]["val_loss"] - evaluated[1]["val_loss"])
+    report = (out / "report.md").read_text()
+    assert (summary["budget"]["message"] in report) and (summary["budget"]["adequate"] is not None)

@@ -307,3 +307,16 @@ def test_resume_refuses_changed_corpus_contents(tmp_path):
     result = cli("train", "--out", str(run), "--quiet", "--resume", *TINY, "train.max_steps=6",
                  "train.save_every=2", f"data.corpus={corpus}")
     assert result.returncode == 2 and "the tokenized data differ" in result.stderr
+
+
+def test_fields_added_after_a_run_was_written_are_not_changes():
+    from normlab.config import RunConfig
+    from normlab.train.trainer import config_changes
+
+    new = RunConfig.from_dict({"model": {"strategy": "bhyt", "n_layers": 2}}, vocab_size=257).to_dict()
+    old = {section: dict(values) for section, values in new.items()}
+    for key in ("moe_experts", "moe_top_k", "moe_ffn_hidden", "moe_layers", "preset"):
+        del old["model"][key]  # a config.yaml written before these fields existed
+    assert config_changes(old, new) == []
+    old["model"]["n_layers"] = 3
+    assert config_changes(old, new) == ["model.n_layers 3 -> 2"]

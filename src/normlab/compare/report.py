@@ -18,6 +18,8 @@ from normlab.train.rundir import RunDir
 
 #: share of the last logged training steps averaged into the "final training loss"
 FINAL_WINDOW = 0.1
+#: the last part of training over which the report asks whether validation loss still falls
+LATE_PART = 0.2
 #: the downstream number a task is compared by: the first of these its results hold
 PRIMARY_METRICS = ("acc", "bits_per_byte", "perplexity")
 HIGHER_IS_BETTER = {"acc": True, "bits_per_byte": False, "perplexity": False}
@@ -43,6 +45,16 @@ def primary_metric(task_result: dict[str, Any]) -> str:
     return next(m for m in PRIMARY_METRICS if m in task_result["metrics"])
 
 
+def _late_drop(evaluated: list[dict[str, Any]]) -> float | None:
+    """How much the validation loss fell over the last LATE_PART of training: the value at the
+    last evaluation at or before (1 - LATE_PART) of the final step, minus the final value."""
+    if len(evaluated) < 2:
+        return None
+    cut = (1 - LATE_PART) * evaluated[-1]["step"]
+    before = [r for r in evaluated[:-1] if r["step"] <= cut] or evaluated[:1]
+    return before[-1]["val_loss"] - evaluated[-1]["val_loss"]
+
+
 def run_summary(run: RunDir, seed: int, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final numbers of one run (None where it has none, e.g. diverged before evaluating);
     ``downstream`` maps each task of ``evaluation`` to its primary metric's value."""
@@ -60,6 +72,7 @@ def run_summary(run: RunDir, seed: int, evaluation: dict[str, Any] | None = None
         "tokens": metrics[-1]["tokens"] if metrics else 0,
         "final_train_loss": sum(r["loss"] for r in tail) / len(tail) if finished and tail else None,
         "final_val_loss": evaluated[-1]["val_loss"] if finished and evaluated else None,
+        "late_val_drop": _late_drop(evaluated) if finished else None,
         "final_val_ppl": evaluated[-1]["val_ppl"] if finished and evaluated else None,
         "tokens_per_s": rates[len(rates) // 2] if rates else None,
         "downstream": _downstream(run, evaluation) if finished and evaluation else {},
@@ -90,6 +103,7 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
             "train_loss": mean_std([r["final_train_loss"] for r in ok]),
             "val_loss": mean_std([r["final_val_loss"] for r in ok]),
             "val_ppl": mean_std([r["final_val_ppl"] for r in ok]),
+            "late_val_drop": mean_std([r["late_val_drop"] for r in ok if r["late_val_drop"] is not None]),
             "tokens_per_s": mean_std([r["tokens_per_s"] for r in runs if r["tokens_per_s"]]),
             "diverged": sum(r["status"] == "diverged" for r in runs),
             "failed": sum(r["status"] not in ("finished", "diverged") for r in runs),
@@ -109,6 +123,7 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
                                                  paired=label != baseline)
     ranking = rank(entries)
     return {
+        "budget": budget_check(entries, ranking),
         "baseline": baseline,
         "setup": spec["setup"],
         "seeds": spec["seeds"],
@@ -168,6 +183,27 @@ def verdict(label: str, entry: dict[str, Any], baseline: str) -> str:
     if delta["low"] > 0:
         return f"higher val loss than {baseline} by {pm}{unstable}"
     return f"no clear difference from {baseline}: {delta['mean']:+.4f} ± {delta['half_width']:.4f} (CI includes 0){unstable}"
+
+
+def budget_check(entries: dict[str, Any], ranking: list[str]) -> dict[str, Any]:
+    """Whether the budget can rank the strategies: not when some strategy's validation loss
+    still fell, over the last LATE_PART of training (mean over seeds), by more than the
+    smallest gap between the mean final losses of two strategies next to each other in the
+    ranking; the ranking may then change with more training."""
+    drops = {label: entries[label]["late_val_drop"]["mean"] for label in ranking
+             if entries[label]["late_val_drop"]["mean"] is not None}
+    means = [entries[label]["val_loss"]["mean"] for label in ranking]
+    gaps = [b - a for a, b in zip(means, means[1:], strict=False)]
+    if not drops or not gaps:
+        return {"adequate": None, "max_late_drop": None, "min_gap": None, "message": ""}
+    fastest = max(drops, key=drops.get)
+    max_drop, min_gap = drops[fastest], min(gaps)
+    adequate = max_drop <= min_gap
+    message = "" if adequate else (
+        f"The ranking may change with more training: over the last {LATE_PART:.0%} of training the "
+        f"validation loss still fell by {max_drop:.4f} ({fastest}), more than the smallest gap between "
+        f"neighbouring strategies ({min_gap:.4f}).")
+    return {"adequate": adequate, "max_late_drop": max_drop, "min_gap": min_gap, "message": message}
 
 
 def headline(entries: dict[str, Any], ranking: list[str], baseline: str) -> str:
@@ -316,7 +352,10 @@ def _eval_line(summary: dict[str, Any]) -> str:
 
 
 def render_markdown(summary: dict[str, Any], figures: dict[str, Path], out: Path) -> str:
-    lines = ["# normlab comparison", "", f"**{summary['headline']}**", "", "## Setup", ""]
+    lines = ["# normlab comparison", "", f"**{summary['headline']}**", ""]
+    if summary["budget"]["message"]:
+        lines += [f"> {summary['budget']['message']}", ""]
+    lines += ["## Setup", ""]
     lines += [f"- {line}" for line in _setup_lines(summary)]
     lines += ["", "## Verdicts", ""]
     lines += [f"- **{label}**: {e['verdict']}" for label, e in summary["strategies"].items()]
@@ -349,6 +388,7 @@ padding:.4em .6em;text-align:right;white-space:nowrap}th:first-child,td:first-ch
 th{background:#f3f5f9;white-space:normal;vertical-align:bottom}.scroll{overflow-x:auto}tr.best td{background:#eafaea;font-weight:600}.better{color:#17803d}.worse{color:#b3261e}
 ul{line-height:1.5}img{max-width:100%;border:1px solid #e4e7ee;border-radius:4px}figure{margin:1.5em 0}
 figcaption{color:#556;font-size:.9em;margin-bottom:.3em}.muted{color:#667;font-size:.9em}
+.warning{background:#fff6e5;border-left:4px solid #d98e04;padding:.5em 1em}
 """
 
 
@@ -357,6 +397,7 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path]) -> str:
     parts = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
              "<title>normlab comparison</title>", f"<style>{CSS}</style></head><body>",
              "<h1>normlab comparison</h1>", f"<div class=headline>{esc(summary['headline'])}</div>",
+             *([f"<p class=warning>{esc(summary['budget']['message'])}</p>"] if summary["budget"]["message"] else []),
              "<h2>Verdicts</h2><ul>"]
     for label, e in summary["strategies"].items():
         delta = e["delta_val_loss"]

@@ -93,7 +93,14 @@ def resolve_config(raw: dict[str, Any], vocab_size: int) -> RunConfig:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Fields that differ between two resolved run configs and would change the trajectory."""
+    """Fields that differ between two resolved run configs and would change the trajectory.
+
+    ``old`` (a run's config.yaml) is resolved again first, so that a field added to normlab
+    after the run was written counts at its default value, not as a change."""
+    try:
+        old = {**old, **RunConfig.from_dict({k: old[k] for k in SECTIONS if k in old}).to_dict()}
+    except NormlabError:
+        pass  # compare as written; the differences will be listed
     changes = []
     for section in ("model", "data", "train"):
         a, b = old.get(section, {}), new.get(section, {})
