@@ -48,14 +48,19 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         rows.append((preset.name, str(cfg.d_model), str(cfg.n_layers), f"{cfg.n_heads}/{cfg.n_kv_heads}",
                      str(cfg.ffn_hidden if not cfg.moe_experts else "—"), experts, params, paper,
                      _count(preset.paper_tokens), preset.source))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     if args.verbose:
         for preset in PRESETS.values():
             print(f"{preset.name}: strategy {preset.strategy}; configs/{preset.name}.yaml"
                   + (f"; {preset.note}" if preset.note else ""))
     return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _count(n: float) -> str:
@@ -202,9 +207,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
              "" if m["stderr"] is None else f"± {m['stderr']:.4f}")
             for name, task in results["tasks"].items() for metric, m in task["metrics"].items()]
     header = ("task", "items", "metric", "value", "stderr")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     truncated = {name: t["truncated"] for name, t in results["tasks"].items() if t["truncated"]}
     sys.stdout.flush()  # the note comes after the table
     if truncated:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.report import eval_results, write_report
-from normlab.compare.sweep import SweepRun, check_existing, run_sweep
+from normlab.compare.sweep import SweepRun, check_existing, run_sweep, worker_env
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
 from normlab.errors import ConfigError
 from normlab.eval import default_results_path, load_task
@@ -151,8 +150,7 @@ def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: d
     the same tasks and options (``recorded``: the spec's ``eval`` entry). A run whose scoring
     fails is reported and the others go on; its report cells stay empty."""
     todo = [name for name in names if eval_results(RunDir(out / "runs" / name), recorded) is None]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = worker_env(jobs)
     options = ["--tasks", ",".join(evaluation.tasks), "--num-fewshot", str(evaluation.num_fewshot), "-q"]
     options += ["--data-dir", evaluation.data_dir] if evaluation.data_dir else []
     options += ["--limit", str(evaluation.limit)] if evaluation.limit else []

@@ -101,8 +101,7 @@ def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Pa
     """Train runs in ``jobs`` worker processes; returns name -> status."""
     base = out / "sweep-base.yaml"
     atomic_write_text(base, yaml.safe_dump(raw, sort_keys=False))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = worker_env(jobs)
     user_errors: list[str] = []
     interrupted: list[str] = []
 
@@ -133,6 +132,12 @@ def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Pa
     if user_errors:
         raise NormlabError(user_errors[0].removeprefix("normlab: error: "))
     return statuses
+
+
+def worker_env(jobs: int) -> dict[str, str]:
+    """The environment of one of ``jobs`` worker processes: cpu_count / jobs threads each."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def _say(message: str, progress: bool) -> None:
