@@ -320,3 +320,28 @@ def test_fields_added_after_a_run_was_written_are_not_changes():
     assert config_changes(old, new) == []
     old["model"]["n_layers"] = 3
     assert config_changes(old, new) == ["model.n_layers 3 -> 2"]
+
+
+def test_checkpoints_with_0_dim_scalars_still_load(tmp_path):
+    """DyT's alpha and the embedding scale were saved 0-dim before they became shape (1,);
+    such weights load into today's model, the tied LM head does not count as missing, and a
+    wrong shape is still an error."""
+    from safetensors.torch import save_file
+
+    from normlab import ModelConfig, build_model
+    from normlab.train.checkpoint import load_weights
+
+    cfg = ModelConfig.from_strategy("dyt", d_model=32, n_layers=2, n_heads=2, tie_embeddings=True)
+    old = build_model(cfg, seed=1)
+    state = {k: (v.reshape(()) if v.shape == (1,) else v).clone() for k, v in old.state_dict().items()
+             if k != "lm_head.weight"}
+    assert state["model.embed_scale"].dim() == 0 and state["model.layers.0.input_layernorm.alpha"].dim() == 0
+    save_file(state, str(tmp_path / "old.safetensors"))
+    new = build_model(cfg, seed=2)
+    assert load_weights(new, tmp_path / "old.safetensors") == ([], [])
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    torch.testing.assert_close(new(ids), old(ids), rtol=0, atol=0)
+    state["model.norm.weight"] = torch.ones(3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_weights(new, tmp_path / "bad.safetensors")

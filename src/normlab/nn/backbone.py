@@ -20,7 +20,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.embed_scale:
-            self.embed_scale = nn.Parameter(torch.tensor(math.sqrt(cfg.d_model)))
+            self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(cfg.d_model)))
         else:
             self.embed_scale = None
         self.layers = nn.ModuleList(Block(cfg, i, plan) for i, plan in enumerate(plans))

@@ -66,14 +66,14 @@ class LayerNorm(nn.Module):
 
 @register_norm("dyt")
 class DyT(nn.Module):
-    """DyT(x) = g * tanh(alpha * x);  scalar alpha (init alpha0: ``dyt_alpha_attn`` at the
+    """DyT(x) = g * tanh(alpha * x);  scalar alpha (stored as shape (1,)) (init alpha0: ``dyt_alpha_attn`` at the
     attention site, ``dyt_alpha_other`` elsewhere), per-channel g init 1, no bias (the LLaMA
     form of Zhu et al. 2025)."""
 
     def __init__(self, dim: int, cfg, site: str) -> None:
         super().__init__()
         self.alpha0 = float(cfg.dyt_alpha_attn if site == "attn" else cfg.dyt_alpha_other)
-        self.alpha = nn.Parameter(torch.tensor(self.alpha0))
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha0))  # shape (1,): FSDP2 shards no 0-dim tensors
         self.weight = nn.Parameter(torch.ones(dim))
 
     def reset_parameters(self) -> None:
@@ -106,7 +106,7 @@ class BHyT(nn.Module):
         self.kappa = cfg.bhyt_kappa
         self.eps = cfg.bhyt_eps
         self.lam0 = float(cfg.bhyt_lambda_attn if site == "attn" else cfg.bhyt_lambda_ffn)
-        self.lam = nn.Parameter(torch.tensor(self.lam0))
+        self.lam = nn.Parameter(torch.full((1,), self.lam0))
         self.weight = nn.Parameter(torch.ones(dim))
 
     def reset_parameters(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from normlab.errors import CheckpointError
@@ -116,10 +116,25 @@ def verify(ckpt: Checkpoint) -> None:
             raise CheckpointError(f"{ckpt.path}: {name} is corrupt (checksum mismatch)")
 
 
+def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Load a safetensors file into ``model``; return (missing, unexpected) names, where a
+    parameter tied to a loaded one (the LM head) does not count as missing. Scalars saved
+    0-dim (DyT alpha, BHyT lam, the embedding scale, before they became shape (1,) for FSDP2)
+    are reshaped to the model's shape."""
+    state = load_file(str(path))
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and tensor.dim() == 0 and own[name].shape == (1,):
+            state[name] = tensor.reshape(1)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    return [name for name in missing if own[name].data_ptr() not in loaded], list(unexpected)
+
+
 def load_checkpoint(ckpt: Checkpoint, model: nn.Module) -> dict[str, Any]:
     """Verify, load the weights into ``model`` and return the trainer state."""
     verify(ckpt)
-    missing, unexpected = load_model(model, str(ckpt.path / WEIGHTS), strict=False)
+    missing, unexpected = load_weights(model, ckpt.path / WEIGHTS)
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt.path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
