@@ -15,7 +15,7 @@ from normlab import ModelConfig, build_model
 from normlab.config import RunConfig
 from normlab.diagnostics import diagnose, measures
 from normlab.diagnostics.stability import stability
-from normlab.train.trainer import train
+from normlab.train.trainer import run_config, train
 
 TINY = ["model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.max_seq_len=32",
         "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2", "train.max_steps=12",
@@ -127,7 +127,7 @@ def trained_runs(tmp_path_factory):
     runs = {}
     for strategy in ("pre_norm", "bhyt"):
         runs[strategy] = root / strategy
-        train(RunConfig.load(None, [*TINY, f"model.strategy={strategy}"]), runs[strategy], progress=False)
+        train(run_config(RunConfig.load(None, [*TINY, f"model.strategy={strategy}"])), runs[strategy], progress=False)
     return root, runs
 
 

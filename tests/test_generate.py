@@ -131,15 +131,15 @@ def byte_run(tmp_path_factory):
     import os
 
     from normlab.config import RunConfig
-    from normlab.train.trainer import train
+    from normlab.train.trainer import run_config, train
 
     root = tmp_path_factory.mktemp("gen")
     os.environ.setdefault("NORMLAB_CACHE", str(root / "cache"))
     run = root / "run"
-    train(RunConfig.load(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+    raw = RunConfig.load(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
                                 "train.batch_size=2", "train.seq_len=32", "train.max_steps=2",
-                                "train.warmup_steps=0", "train.eval_every=2", "train.eval_batches=1"]),
-          run, progress=False)
+                                "train.warmup_steps=0", "train.eval_every=2", "train.eval_batches=1"])
+    train(run_config(raw), run, progress=False)
     return run
 
 

@@ -173,21 +173,21 @@ def test_training_adds_and_logs_the_auxiliary_losses(tmp_path, monkeypatch):
     from normlab.config import RunConfig
     from normlab.train.rundir import RunDir
     from normlab.train.saved import load_run
-    from normlab.train.trainer import train
+    from normlab.train.trainer import run_config, train
 
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
     base = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
             "model.moe_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "train.batch_size=4",
             "train.seq_len=32", "train.max_steps=3", "train.warmup_steps=0", "train.eval_every=3",
             "train.eval_batches=1", "train.log_every=1", "train.record_every=1"]
-    train(RunConfig.load(None, base), tmp_path / "a", progress=False)
+    train(run_config(RunConfig.load(None, base)), tmp_path / "a", progress=False)
     metrics = RunDir(tmp_path / "a").read_metrics()
     assert all(r["moe_load_balance"] >= 1.0 - 1e-6 and r["moe_z_loss"] > 0 for r in metrics)
     layers = [json.loads(line) for line in (tmp_path / "a" / "layers.jsonl").read_text().splitlines()]
     assert set(layers[-1]["expert_load"]) == {"0", "1"}
     assert all(sum(load) == pytest.approx(1.0) for load in layers[-1]["expert_load"].values())
     # the weights enter the objective: without them the router learns something else
-    train(RunConfig.load(None, [*base, "model.moe_aux_loss_weight=0", "model.moe_z_loss_weight=0"]),
+    train(run_config(RunConfig.load(None, [*base, "model.moe_aux_loss_weight=0", "model.moe_z_loss_weight=0"])),
           tmp_path / "b", progress=False)
     with_aux, without = load_run(tmp_path / "a").model, load_run(tmp_path / "b").model
     assert RunDir(tmp_path / "b").read_metrics()[0]["loss"] == pytest.approx(metrics[0]["loss"])  # same start
@@ -230,7 +230,7 @@ def test_tiny_moe_config_trains_and_diagnoses(tmp_path, monkeypatch):
     from normlab.data import TokenShards, eval_batches
     from normlab.diagnostics import diagnose
     from normlab.train.saved import load_run
-    from normlab.train.trainer import load_data, train
+    from normlab.train.trainer import load_data, run_config, train
 
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny-moe.yaml"
@@ -238,7 +238,7 @@ def test_tiny_moe_config_trains_and_diagnoses(tmp_path, monkeypatch):
                                   "train.eval_batches=1", "train.warmup_steps=0"])
     assert raw["model"]["moe_experts"] == 8
     run = tmp_path / "moe"
-    assert train(raw, run, progress=False).status == "finished"
+    assert train(run_config(raw), run, progress=False).status == "finished"
     result = diagnose(run, tmp_path / "diag", batches=1, progress=False)
     assert result["moe_reference_step"] == 2
     routing = result["moe_routing"]

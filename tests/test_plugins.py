@@ -23,7 +23,7 @@ from normlab import plugins as plugin_loader
 from normlab.nn.registry import NORMS, make_norm
 from normlab.strategies import PLACEMENTS, STRATEGIES, plan_for
 from normlab.train.saved import load_run
-from normlab.train.trainer import train
+from normlab.train.trainer import run_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DERF = ROOT / "examples" / "plugins" / "derf.py"
@@ -164,16 +164,16 @@ def test_yaml_plugins_are_relative_to_the_yaml_and_resume_refuses_a_changed_file
     raw = normlab.config.RunConfig.load(tmp_path / "run.yaml", TINY)
     assert raw["plugins"] == [str(tmp_path / "derf.py")]
     run = tmp_path / "run"
-    assert train(raw, run, progress=False).status == "finished"
+    assert train(run_config(raw, run), run, progress=False).status == "finished"
     recorded = json.loads((run / "plugins.json").read_text())
     digest = hashlib.sha256((tmp_path / "derf.py").read_bytes()).hexdigest()
     assert recorded == [{"plugin": str(tmp_path / "derf.py"), "file": str(tmp_path / "derf.py"), "sha256": digest}]
     raw_without_plugin = {k: v for k, v in raw.items() if k != "plugins"}
-    assert train(raw_without_plugin, run, resume=True, progress=False).status == "finished"
+    assert train(run_config(raw_without_plugin, run), run, resume=True, progress=False).status == "finished"
     with open(tmp_path / "derf.py", "a") as fh:
         fh.write("# edited\n")
     with pytest.raises(ConfigError, match=r"plugin '.*derf.py' changed since run '.*run' was trained"):
-        train(raw_without_plugin, run, resume=True, progress=False)
+        run_config(raw_without_plugin, run)
     with pytest.raises(ConfigError, match="changed since"):
         load_run(run)
     (tmp_path / "derf.py").unlink()

@@ -18,7 +18,7 @@ from normlab.config import RunConfig
 from normlab.train.checkpoint import list_checkpoints, save_checkpoint
 from normlab.train.optim import lr_factor, param_groups
 from normlab.train.rundir import RunDir
-from normlab.train.trainer import train
+from normlab.train.trainer import run_config, train
 
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
@@ -33,8 +33,9 @@ def shared_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "normlab-cache"))
 
 
-def raw(*overrides: str) -> dict:
-    return RunConfig.load(None, [*TINY, *overrides])
+def raw(*overrides: str) -> RunConfig:
+    """The tiny test config with ``overrides``, resolved as ``normlab train`` resolves it."""
+    return run_config(RunConfig.load(None, [*TINY, *overrides]), progress=False)
 
 
 def losses(run: Path) -> list[tuple]:
@@ -310,8 +311,7 @@ def test_resume_refuses_changed_corpus_contents(tmp_path):
 
 
 def test_fields_added_after_a_run_was_written_are_not_changes():
-    from normlab.config import RunConfig
-    from normlab.train.trainer import config_changes
+    from normlab.config import RunConfig, config_changes
 
     new = RunConfig.from_dict({"model": {"strategy": "bhyt", "n_layers": 2}}, vocab_size=257).to_dict()
     old = {section: dict(values) for section, values in new.items()}

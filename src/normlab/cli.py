@@ -101,10 +101,10 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
-    from normlab.train.trainer import train
+    from normlab.train.trainer import run_config, train
 
-    raw = RunConfig.load(args.config, args.overrides, args.plugin)
-    result = train(raw, args.out, resume=args.resume, progress=not args.quiet)
+    cfg = run_config(RunConfig.load(args.config, args.overrides, args.plugin), args.out, progress=not args.quiet)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(f"{args.out}: {result.describe()}", file=sys.stderr if result.exit_code else sys.stdout)
     return result.exit_code

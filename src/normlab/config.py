@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from normlab.errors import ConfigError
+from normlab.device import pick_device
+from normlab.errors import ConfigError, NormlabError
 from normlab.plugins import check_specs, load_plugins, resolve
 
 
@@ -568,9 +569,56 @@ class RunConfig:
             data["plugins"] = specs
         return data
 
+    @classmethod
+    def resolve(cls, raw: dict[str, Any], vocab_size: int) -> RunConfig:
+        """The complete run config from raw sections and the tokenizer's vocabulary: vocab_size
+        from the tokenizer and BHyT's T from train.seq_len unless given, then the cross-section
+        checks (model.vocab_size fits the tokenizer, train.seq_len <= model.max_seq_len, the
+        device exists). Resolving a resolved config's dict gives the same config."""
+        raw = {k: dict(v or {}) if k in SECTIONS else v for k, v in raw.items()}
+        train_seq_len = raw.get("train", {}).get("seq_len")
+        model = raw.setdefault("model", {})
+        if train_seq_len is not None and "bhyt_context_len" not in model:
+            model["bhyt_context_len"] = train_seq_len
+        cfg = cls.from_dict(raw, vocab_size=vocab_size)
+        if "bhyt_context_len" not in model:
+            cfg.model = cfg.model.replace(bhyt_context_len=cfg.train.seq_len)
+        if cfg.model.vocab_size < vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({vocab_size}); leave it out to use the tokenizer's size"
+            )
+        pick_device(cfg.train.device, "train.device")  # fails now if the device is missing
+        if cfg.train.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len: {cfg.train.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}"
+            )
+        return cfg
+
     def to_dict(self) -> dict[str, Any]:
         return {"plugins": list(self.plugins), "model": self.model.to_dict(),
                 "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields that differ between two resolved run configs (as dicts) and would change the
+    trajectory.
+
+    ``old`` (a run's config.yaml) is resolved again first, so that a field added to normlab
+    after the run was written counts at its default value, not as a change."""
+    try:
+        old = {**old, **RunConfig.from_dict({k: old[k] for k in SECTIONS if k in old}).to_dict()}
+    except NormlabError:
+        pass  # compare as written; the differences will be listed
+    changes = []
+    for section in SECTIONS:
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in RESUMABLE_TRAIN_FIELDS:
+                continue
+            if a.get(key) != b.get(key):
+                changes.append(f"{section}.{key} {a.get(key)!r} -> {b.get(key)!r}")
+    return changes

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.report import eval_results, write_report
-from normlab.compare.sweep import SweepRun, check_existing, run_sweep, worker_env
+from normlab.compare.sweep import plan_runs, run_sweep, worker_env
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
 from normlab.errors import ConfigError
 from normlab.eval import default_results_path, load_task
@@ -26,7 +26,6 @@ from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
-from normlab.train.trainer import load_data, resolve_config
 
 
 @dataclass
@@ -105,22 +104,19 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
     if "record_every" not in raw["train"]:  # the report's per-layer plots need a few records
         raw["train"]["record_every"] = max(1, checked.train.max_steps // 10)
 
-    # Validate every variant (and tokenize once) before any training starts.
-    _, tokenizer = load_data(checked.data, progress)
-    runs, spec_variants = [], []
+    # Every run's config resolved (and the corpus tokenized) once, before any training starts.
+    overrides = {v.label: [f"model.strategy={v.strategy}", *v.overrides,
+                           *([f"model.init={same_init}"] if same_init is not None else [])] for v in variants}
+    runs = plan_runs(raw, [(f"{v.slug}-s{seed}", {"strategy": v.label, "seed": seed},
+                            [*overrides[v.label], f"train.seed={seed}"]) for v in variants for seed in seeds],
+                     progress)
+    spec_variants = []
     for variant in variants:
-        overrides = [f"model.strategy={variant.strategy}", *variant.overrides]
-        if same_init is not None:
-            overrides.append(f"model.init={same_init}")
-        cfg = resolve_config(apply_overrides(raw, overrides, SECTIONS), tokenizer.vocab_size)
-        names = []
-        for seed in seeds:
-            name = f"{variant.slug}-s{seed}"
-            runs.append(SweepRun(name, {"strategy": variant.label, "seed": seed}, [*overrides, f"train.seed={seed}"]))
-            names.append(name)
-        spec_variants.append({"label": variant.label, "strategy": variant.strategy, "init": cfg.model.init,
-                              "overrides": overrides, "runs": names})
-    base = resolve_config(apply_overrides(raw, ["model.strategy=pre_norm"], SECTIONS), tokenizer.vocab_size)
+        mine = [run for run in runs if run.labels["strategy"] == variant.label]
+        spec_variants.append({"label": variant.label, "strategy": variant.strategy, "init": mine[0].config.model.init,
+                              "overrides": overrides[variant.label], "runs": [run.name for run in mine]})
+    base = RunConfig.resolve(apply_overrides(raw, ["model.strategy=pre_norm"], SECTIONS),
+                             runs[0].config.model.vocab_size)
     spec = {
         "baseline": baseline, "seeds": seeds, "same_init": same_init, "variants": spec_variants,
         "setup": {
@@ -135,8 +131,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(spec, indent=1) + "\n")
-    check_existing(raw, runs, out, tokenizer.vocab_size)
-    statuses = run_sweep(raw, runs, out, progress, jobs)
+    statuses = run_sweep(runs, out, progress, jobs)
     if evaluation is not None:
         finished = [r.name for r in runs if statuses[r.name] == "finished"]
         evaluate_runs(out, finished, evaluation, spec["eval"], progress, jobs)

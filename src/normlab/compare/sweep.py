@@ -1,4 +1,6 @@
 """Resumable sweeps: a list of named runs that share one base config and differ by overrides.
+Each run's config is resolved once (``plan_runs``) and that object is what is checked against
+an existing run directory and trained.
 
 Re-running a sweep skips finished and diverged runs and resumes the others; a run that fails
 with an unexpected error is marked failed and the sweep goes on. ``compare`` and ``stability``
@@ -12,17 +14,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from normlab.config import SECTIONS, apply_overrides
+from normlab.config import SECTIONS, RunConfig, apply_overrides, config_changes
 from normlab.errors import CheckpointError, NormlabError
 from normlab.train.checkpoint import atomic_write_text
 from normlab.train.rundir import RunDir
-from normlab.train.trainer import EXIT_DIVERGED, config_changes, resolve_config, train
+from normlab.train.trainer import EXIT_DIVERGED, load_data, train
 
 DONE = ("finished", "diverged")
 
@@ -31,21 +31,30 @@ DONE = ("finished", "diverged")
 class SweepRun:
     name: str  # directory under OUT/runs
     labels: dict[str, Any]  # what the run stands for, e.g. {"strategy": "mixln", "seed": 1}
-    overrides: list[str] = field(default_factory=list)
+    config: RunConfig  # resolved
+
+
+def plan_runs(raw: dict[str, Any], specs: list[tuple[str, dict[str, Any], list[str]]],
+              progress: bool = True) -> list[SweepRun]:
+    """(name, labels, overrides) per run -> runs with resolved configs: the corpus is tokenized
+    once (before any worker starts) and every run's config resolved once, so a bad override
+    stops the sweep before anything trains."""
+    _, tokenizer = load_data(RunConfig.from_dict(raw, vocab_size=1).data, progress)
+    return [SweepRun(name, labels, RunConfig.resolve(apply_overrides(raw, overrides, SECTIONS), tokenizer.vocab_size))
+            for name, labels, overrides in specs]
 
 
 def run_dir(out: Path, run: SweepRun) -> RunDir:
     return RunDir(out / "runs" / run.name)
 
 
-def check_existing(raw: dict[str, Any], runs: list[SweepRun], out: Path, vocab_size: int) -> None:
+def check_existing(runs: list[SweepRun], out: Path) -> None:
     """Refuse to reuse a run directory trained with another config (e.g. the sweep was re-run
     into the same --out with different overrides): the report would describe the wrong runs."""
     for run in runs:
         directory = run_dir(out, run)
         if directory.exists():
-            expected = resolve_config(apply_overrides(raw, run.overrides, SECTIONS), vocab_size).to_dict()
-            changes = config_changes(directory.read_config(), expected)
+            changes = config_changes(directory.read_config(), run.config.to_dict())
             if changes:
                 raise CheckpointError(
                     f"'{directory.path}' was trained with another config ({'; '.join(changes[:3])}); "
@@ -53,14 +62,14 @@ def check_existing(raw: dict[str, Any], runs: list[SweepRun], out: Path, vocab_s
                 )
 
 
-def run_sweep(raw: dict[str, Any], runs: list[SweepRun], out: Path, progress: bool = True,
-              jobs: int = 1) -> dict[str, str]:
-    """Train every run that is not done; returns name -> final status.
+def run_sweep(runs: list[SweepRun], out: Path, progress: bool = True, jobs: int = 1) -> dict[str, str]:
+    """Train every run that is not done (after ``check_existing``); returns name -> final status.
 
     ``jobs > 1`` trains that many runs at once in worker processes (``normlab train``), each
     with cpu_count // jobs threads. A NormlabError (bad config or data, a run directory that
     holds another config) stops the sweep: it would hit every run alike. Any other error fails
     only that run."""
+    check_existing(runs, out)
     out.mkdir(parents=True, exist_ok=True)
     statuses: dict[str, str] = {}
     width = len(str(len(runs)))
@@ -74,15 +83,14 @@ def run_sweep(raw: dict[str, Any], runs: list[SweepRun], out: Path, progress: bo
         else:
             todo.append((head, run))
     if jobs > 1 and len(todo) > 1:
-        statuses.update(_run_parallel(raw, todo, out, progress, jobs))
+        statuses.update(_run_parallel(todo, out, progress, jobs))
         return statuses
     for head, run in todo:
         directory = run_dir(out, run)
         _say(f"{head}: {'resuming' if directory.exists() else 'training'}", progress)
         started = time.perf_counter()
         try:
-            result = train(apply_overrides(raw, run.overrides, SECTIONS), directory.path,
-                           resume=True, progress=progress)
+            result = train(run.config, directory.path, resume=True, progress=progress)
         except NormlabError:
             raise
         except Exception as err:  # the trainer has written status "failed" with the reason
@@ -96,11 +104,13 @@ def run_sweep(raw: dict[str, Any], runs: list[SweepRun], out: Path, progress: bo
     return statuses
 
 
-def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Path, progress: bool,
-                  jobs: int) -> dict[str, str]:
-    """Train runs in ``jobs`` worker processes; returns name -> status."""
-    base = out / "sweep-base.yaml"
-    atomic_write_text(base, yaml.safe_dump(raw, sort_keys=False))
+def _run_parallel(todo: list[tuple[str, SweepRun]], out: Path, progress: bool, jobs: int) -> dict[str, str]:
+    """Train runs in ``jobs`` worker processes (``normlab train`` on each run's resolved config,
+    written to OUT/sweep/NAME.yaml); returns name -> status."""
+    configs = out / "sweep"
+    configs.mkdir(exist_ok=True)
+    for _, run in todo:
+        atomic_write_text(configs / f"{run.name}.yaml", run.config.to_yaml())
     env = worker_env(jobs)
     user_errors: list[str] = []
     interrupted: list[str] = []
@@ -112,8 +122,8 @@ def _run_parallel(raw: dict[str, Any], todo: list[tuple[str, SweepRun]], out: Pa
         directory = run_dir(out, run)
         _say(f"{head}: {'resuming' if directory.exists() else 'training'}", progress)
         started = time.perf_counter()
-        cmd = [sys.executable, "-m", "normlab.cli", "train", "--config", str(base), "--out",
-               str(directory.path), "--resume", "--quiet", *run.overrides]
+        cmd = [sys.executable, "-m", "normlab.cli", "train", "--config", str(configs / f"{run.name}.yaml"),
+               "--out", str(directory.path), "--resume", "--quiet"]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = (result.stderr or result.stdout).strip().splitlines()
         last = lines[-1] if lines else f"exit status {result.returncode}"

@@ -11,13 +11,12 @@ from typing import Any
 from normlab.compare.plots import save
 from normlab.compare.report import run_summary
 from normlab.compare.stats import mean_std
-from normlab.compare.sweep import SweepRun, check_existing, run_dir, run_sweep
-from normlab.config import RunConfig, check_choice
+from normlab.compare.sweep import plan_runs, run_dir, run_sweep
+from normlab.config import check_choice
 from normlab.diagnostics.figures import stability_maps
 from normlab.errors import ConfigError
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text
-from normlab.train.trainer import load_data
 
 
 def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], depths: list[int],
@@ -34,14 +33,10 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
         raise ConfigError("--lrs and --depths must be positive")
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
-    checked = RunConfig.from_dict(raw, vocab_size=1)
-    _, tokenizer = load_data(checked.data, progress)  # tokenize once, before the workers start
-
-    runs = [SweepRun(f"{s}-L{d}-lr{lr!r}-s{seed}", {"strategy": s, "layers": d, "lr": repr(lr), "seed": seed},
-                     [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}", f"train.seed={seed}"])
-            for s in strategies for d in depths for lr in lrs for seed in seeds]
-    check_existing(raw, runs, out, tokenizer.vocab_size)
-    run_sweep(raw, runs, out, progress, jobs)
+    runs = plan_runs(raw, [(f"{s}-L{d}-lr{lr!r}-s{seed}", {"strategy": s, "layers": d, "lr": repr(lr), "seed": seed},
+                            [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}", f"train.seed={seed}"])
+                           for s in strategies for d in depths for lr in lrs for seed in seeds], progress)
+    run_sweep(runs, out, progress, jobs)
 
     grid: dict[str, dict[str, Any]] = {s: {} for s in strategies}
     for run in runs:

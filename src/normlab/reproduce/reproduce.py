@@ -10,7 +10,7 @@ from typing import Any
 
 from normlab.compare.compare import Variant, parse_variants
 from normlab.compare.report import run_summary
-from normlab.compare.sweep import SweepRun, check_existing, run_dir, run_sweep
+from normlab.compare.sweep import plan_runs, run_dir, run_sweep
 from normlab.config import RunConfig, did_you_mean
 from normlab.diagnostics import diagnose
 from normlab.errors import ConfigError
@@ -18,7 +18,6 @@ from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
 from normlab.reproduce.report import write_report
 from normlab.train.checkpoint import list_checkpoints
 from normlab.train.rundir import RunDir
-from normlab.train.trainer import load_data
 
 
 @dataclass(frozen=True)
@@ -85,13 +84,10 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     if len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds: give distinct integers, e.g. 0,1,2")
     raw = RunConfig.load(None, list(budget.overrides))
-    _, tokenizer = load_data(RunConfig.from_dict(raw, vocab_size=1).data, progress)
-    variants = claim_variants(claims)
-    runs = [SweepRun(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
-                     [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
-            for v in variants.values() for seed in seeds]
-    check_existing(raw, runs, out, tokenizer.vocab_size)
-    run_sweep(raw, runs, out, progress, jobs)
+    runs = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
+                            [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
+                           for v in claim_variants(claims).values() for seed in seeds], progress)
+    run_sweep(runs, out, progress, jobs)
     data = {(run.labels["variant"], run.labels["seed"]): measure(run_dir(out, run), run.labels["seed"],
                                                                  budget.diagnose_batches)
             for run in runs}

@@ -36,7 +36,7 @@ class SavedRun:
 def load_run(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> SavedRun:
     """The run in ``run_dir`` with the weights of checkpoint ``step`` (default: the newest), on
     ``device`` ('auto': CUDA when available), after loading the plugins it was trained with."""
-    from normlab.train.trainer import pick_device
+    from normlab.device import pick_device
 
     target = pick_device(device, "--device")
     run = RunDir(run_dir)

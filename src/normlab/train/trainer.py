@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from normlab.config import RESUMABLE_TRAIN_FIELDS, SECTIONS, ConfigError, DataConfig, RunConfig
+from normlab.config import ConfigError, DataConfig, RunConfig, config_changes
 from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
+from normlab.device import pick_device
 from normlab.errors import CheckpointError, NormlabError
 from normlab.nn.model import NormLM, build_model
 from normlab.plugins import load_recorded, record
@@ -68,63 +69,19 @@ def load_data(data: DataConfig, progress: bool = True) -> tuple[Path, Any]:
 
 
 # ---------------------------------------------------------------------------- config
-def resolve_config(raw: dict[str, Any], vocab_size: int) -> RunConfig:
-    """The complete run config: vocab_size from the tokenizer and BHyT's T from train.seq_len
-    unless given, then the cross-section checks."""
-    raw = {k: dict(v or {}) if k in SECTIONS else v for k, v in raw.items()}
-    train_seq_len = raw.get("train", {}).get("seq_len")
-    model = raw.setdefault("model", {})
-    if train_seq_len is not None and "bhyt_context_len" not in model:
-        model["bhyt_context_len"] = train_seq_len
-    cfg = RunConfig.from_dict(raw, vocab_size=vocab_size)
-    if "bhyt_context_len" not in model:
-        cfg.model = cfg.model.replace(bhyt_context_len=cfg.train.seq_len)
-    if cfg.model.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({vocab_size}); leave it out to use the tokenizer's size"
-        )
-    pick_device(cfg.train.device, "train.device")  # fails now if the device is missing
-    if cfg.train.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len: {cfg.train.seq_len} is above model.max_seq_len={cfg.model.max_seq_len}"
-        )
-    return cfg
+def run_config(raw: dict[str, Any], out: str | Path | None = None, progress: bool = True) -> RunConfig:
+    """Raw sections (YAML + overrides) -> the resolved ``RunConfig`` that ``train`` takes.
 
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Fields that differ between two resolved run configs and would change the trajectory.
-
-    ``old`` (a run's config.yaml) is resolved again first, so that a field added to normlab
-    after the run was written counts at its default value, not as a change."""
-    try:
-        old = {**old, **RunConfig.from_dict({k: old[k] for k in SECTIONS if k in old}).to_dict()}
-    except NormlabError:
-        pass  # compare as written; the differences will be listed
-    changes = []
-    for section in ("model", "data", "train"):
-        a, b = old.get(section, {}), new.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if section == "train" and key in RESUMABLE_TRAIN_FIELDS:
-                continue
-            if a.get(key) != b.get(key):
-                changes.append(f"{section}.{key} {a.get(key)!r} -> {b.get(key)!r}")
-    return changes
-
-
-def pick_device(name: str, option: str = "train.device") -> torch.device:
-    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'; a requested
-    device that is not there is a ConfigError naming ``option``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{option}: '{name}' requested but no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{option}: 'mps' requested but it is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{option}: '{name}' is not auto, cpu, cuda, cuda:N or mps") from None
+    The plugins recorded by a run already in ``out`` load first (a resumed run needs its norm
+    types and strategies), then the corpus is tokenized (once, cached; rank 0 first under
+    torchrun) for the vocabulary size, and ``RunConfig.resolve`` does the rest."""
+    if out is not None and RunDir(out).exists():
+        recorded = load_recorded(RunDir(out).read_plugins(), RunDir(out).path)
+        raw = {**raw, "plugins": list(dict.fromkeys(recorded + raw.get("plugins", [])))}
+    data = RunConfig.from_dict(raw, vocab_size=1).data  # every section checked before tokenizing
+    world = distributed.setup()
+    _, tokenizer = _main_first(world, lambda: load_data(data, progress and world.is_main))
+    return RunConfig.resolve(raw, tokenizer.vocab_size)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -176,17 +133,17 @@ def _autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train(raw: dict[str, Any], out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run described by the raw config sections into ``out``. Under
-    ``torchrun`` every process calls this; rank 0 does all the writing."""
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run ``cfg`` (resolved: ``run_config`` or ``RunConfig.resolve``)
+    into ``out``. Under ``torchrun`` every process calls this; rank 0 does all the writing."""
     world = distributed.setup()
     try:
-        return _train(raw, RunDir(out), resume, progress and world.is_main, world)
+        return _train(cfg, RunDir(out), resume, progress and world.is_main, world)
     finally:
         distributed.teardown(world)
 
 
-def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world: World) -> TrainResult:
+def _train(cfg: RunConfig, run: RunDir, resume: bool, progress: bool, world: World) -> TrainResult:
     distributed.barrier(world)  # every rank looks at the directory before rank 0 writes to it
     exists = run.exists()
     if exists and not resume:
@@ -197,14 +154,12 @@ def _train(raw: dict[str, Any], run: RunDir, resume: bool, progress: bool, world
         )
     if not exists and run.path.is_dir() and any(run.path.iterdir()):
         raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
-    if exists:  # a resumed run loads the plugins it was trained with (unchanged files only)
-        recorded = load_recorded(run.read_plugins(), run.path)
-        raw = {**raw, "plugins": list(dict.fromkeys(recorded + raw.get("plugins", [])))}
-    data_cfg = RunConfig.from_dict(raw, vocab_size=1).data  # every section checked before tokenizing
     distributed.barrier(world)
     _main_first(world, run.create)
-    shard_dir, tokenizer = _main_first(world, lambda: load_data(data_cfg, progress))
-    cfg = resolve_config(raw, tokenizer.vocab_size)
+    shard_dir, tokenizer = _main_first(world, lambda: load_data(cfg.data, progress))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer.vocab_size}); the config was resolved for another one")
     if cfg.train.batch_size % world.world_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
                           f"{world.world_size} processes")
