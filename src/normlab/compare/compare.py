@@ -20,6 +20,7 @@ from typing import Any
 from normlab.compare.report import eval_results, write_report
 from normlab.compare.sweep import SweepRun, check_existing, run_sweep, worker_env
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
+from normlab.data import unigram_loss
 from normlab.errors import ConfigError
 from normlab.eval import default_results_path, load_task
 from normlab.nn.model import build_model
@@ -106,7 +107,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
         raw["train"]["record_every"] = max(1, checked.train.max_steps // 10)
 
     # Validate every variant (and tokenize once) before any training starts.
-    _, tokenizer = load_data(checked.data, progress)
+    shard_dir, tokenizer = load_data(checked.data, progress)
     runs, spec_variants = [], []
     for variant in variants:
         overrides = [f"model.strategy={variant.strategy}", *variant.overrides]
@@ -130,6 +131,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
             "tokens_per_step": base.train.batch_size * base.train.seq_len * base.train.grad_accum,
             "tokens": base.train.max_steps * base.train.batch_size * base.train.seq_len * base.train.grad_accum,
             "lr": base.train.lr, "corpus": base.data.corpus, "tokenizer": base.data.tokenizer,
+            "unigram_loss": unigram_loss(shard_dir),
         },
         "eval": None if evaluation is None else {"tasks": evaluation.tasks, "names": task_names, **evaluation.options()},
     }
