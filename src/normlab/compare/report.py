@@ -204,7 +204,7 @@ def verdict(label: str, entry: dict[str, Any], baseline: str) -> str:
     if entry["val_loss"]["n"] == 0:
         return f"diverged in {diverged}/{n} seeds" if diverged else f"no finished run ({n - entry['failed']}/{n} ok)"
     unstable = (f"; diverged in {diverged}/{n} seeds" if diverged else "") + \
-        (f"; stalled at the unigram loss in {stalled_runs}/{n} seeds" if stalled_runs else "")
+        (f"; stalled at or above the unigram loss in {stalled_runs}/{n} seeds" if stalled_runs else "")
     if label == baseline:
         return f"baseline: val loss {_pm(entry['val_loss'])}{unstable}"
     delta = entry["delta_val_loss"]

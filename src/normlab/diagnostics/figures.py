@@ -185,7 +185,7 @@ def stability_maps(grid: dict, strategies: list[str], depths: list[int], lrs: li
             fig.colorbar(image, ax=axes.ravel().tolist(), label="final val loss", shrink=0.9)
         fig.legend(handles=[Patch(facecolor="white", edgecolor="tab:red", hatch="xx", label="✕ diverged"),
                             Patch(facecolor="white", edgecolor="purple", hatch="//",
-                                  label="≈ stalled at the unigram loss")],
+                                  label="≈ stalled at or above the unigram loss")],
                    loc="outside lower center", ncols=2, frameon=False)
         fig.suptitle("Stability map (✕ = diverged, ≈ = stalled)")
     return fig

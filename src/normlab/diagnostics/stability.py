@@ -69,7 +69,7 @@ def markdown(result: dict[str, Any]) -> str:
     lrs = result["lrs"]
     lines = ["# Stability map", "",
              f"Final validation loss (mean over seeds {', '.join(map(str, result['seeds']))}); "
-             f"✕k = k runs diverged; ≈k = k runs stalled at the unigram loss {result['unigram_loss']:.4f} "
+             f"✕k = k runs diverged; ≈k = k runs stalled at or above the unigram loss {result['unigram_loss']:.4f} "
              f"(over the last {LATE_PART:.0%} of training never {result['stall_margin']:.0%} below it, and "
              "not falling; their loss is in the mean).", ""]
     for strategy in result["strategies"]:
