@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from normlab.compare import compare, parse_variants
-from normlab.compare.report import verdict
+from normlab.compare.report import STALL_MARGIN, TABLE_HEADER, stalled, verdict
 from normlab.compare.stats import mean_std, paired_difference
 from normlab.config import RunConfig
 from normlab.errors import ConfigError, NormlabError
@@ -49,8 +49,8 @@ def test_hand_computed_confidence_interval():
 
 
 def test_verdict_sentences():
-    def entry(delta, diverged=0):
-        return {"n_runs": 3, "diverged": diverged, "failed": 0,
+    def entry(delta, diverged=0, stalled_runs=0):
+        return {"n_runs": 3, "diverged": diverged, "stalled": stalled_runs, "failed": 0,
                 "val_loss": {"mean": 2.0, "std": 0.01, "n": 3}, "delta_val_loss": delta}
 
     lower = entry({"mean": -0.05, "half_width": 0.02, "low": -0.07, "high": -0.03, "n": 3})
@@ -60,6 +60,8 @@ def test_verdict_sentences():
     assert verdict("x", higher, "pre_norm").startswith("higher val loss than pre_norm by 0.0500")
     unclear = entry({"mean": 0.01, "half_width": 0.02, "low": -0.01, "high": 0.03, "n": 3})
     assert "no clear difference" in verdict("x", unclear, "pre_norm")
+    flat = entry({"mean": 0.9, "half_width": 0.02, "low": 0.88, "high": 0.92, "n": 3}, stalled_runs=2)
+    assert verdict("x", flat, "pre_norm").endswith("; stalled at or above the unigram loss in 2/3 seeds")
 
 
 def test_parse_variants():
@@ -202,13 +204,71 @@ def test_rerun_with_another_config_is_refused(sweep, tmp_path):
 def test_diverged_strategies_rank_last():
     from normlab.compare.report import headline, rank
 
-    entries = {"a": {"diverged": 1, "n_runs": 2, "val_loss": {"mean": 1.0, "std": None, "n": 1}, "verdict": "v"},
-               "b": {"diverged": 0, "n_runs": 2, "val_loss": {"mean": 2.0, "std": 0.1, "n": 2}, "verdict": "v"},
-               "c": {"diverged": 0, "n_runs": 2, "val_loss": {"mean": 1.5, "std": 0.1, "n": 2}, "verdict": "v"},
-               "d": {"diverged": 2, "n_runs": 2, "val_loss": {"mean": None, "std": None, "n": 0}, "verdict": "v"}}
+    def entry(mean, n, diverged=0, stalled_runs=0):
+        return {"diverged": diverged, "stalled": stalled_runs, "n_runs": 2, "verdict": "v",
+                "val_loss": {"mean": mean, "std": None, "n": n}}
+
+    entries = {"a": entry(1.0, 1, diverged=1), "b": entry(2.0, 2), "c": entry(1.5, 2),
+               "d": entry(None, 0, diverged=2), "e": entry(0.5, 2, stalled_runs=1)}
     ranking = rank(entries)
-    assert ranking == ["c", "b", "a"]  # a has the lowest loss but diverged once; d never finished
-    assert headline(entries, ranking, "b").startswith("Lowest validation loss: c")
+    assert ranking == ["c", "b", "e", "a"]  # a and e have lower losses but diverged or stalled; d never finished
+    text = headline(entries, ranking, "b")
+    assert text.startswith("Lowest validation loss: c") and text.endswith("Diverged: a (1/2), d (2/2). Stalled: e (1/2).")
+    only_stalled = {"e": entries["e"]}
+    assert headline(only_stalled, rank(only_stalled), "e").startswith(
+        "Lowest validation loss (every strategy diverged or stalled at least once): e")
+
+
+def evaluations(*points):
+    """Metrics records: a training record every 10 steps, val_loss at the given (step, loss)."""
+    losses = dict(points)
+    return [{"step": s, "loss": 9.0, **({"val_loss": losses[s]} if s in losses else {})}
+            for s in range(10, max(losses) + 1, 10)]
+
+
+def test_stall_rule_on_hand_made_metrics():
+    h = 3.0  # unigram loss; the margin is 5% of it: 0.15
+    assert STALL_MARGIN == 0.05
+    assert stalled(evaluations((50, 3.4), (80, 3.02), (90, 3.01), (100, 3.0)), h)  # a plateau at H
+    assert stalled(evaluations((50, 5.5), (80, 5.5), (100, 5.49)), h)  # never learned even the frequencies
+    assert stalled(evaluations((80, 2.9), (100, 2.86)), h)  # inside the margin: >= 2.85, fell 0.04
+    assert not stalled(evaluations((80, 2.9), (100, 2.84)), h)  # 0.01 more below H than the margin
+    assert not stalled(evaluations((80, 3.5), (100, 3.0)), h)  # still falling through H by 0.5 > 0.15
+    assert stalled(evaluations((80, 3.14), (100, 3.0)), h)  # falling by 0.14 < 0.15 only
+    assert not stalled(evaluations((50, 2.0), (80, 1.9), (100, 1.9)), h)  # learned
+    assert not stalled(evaluations((80, 3.0), (90, 2.5), (100, 3.0)), h)  # went below H in the last part
+    assert stalled(evaluations((70, 2.5), (80, 3.1), (100, 3.0)), h)  # back at H before the last part began
+    assert not stalled(evaluations((100, 3.0)), h)  # one evaluation: cannot tell whether it sits
+    assert not stalled([], h)
+
+
+def test_a_run_that_cannot_learn_is_reported_stalled(tmp_path, monkeypatch):
+    from normlab.data import unigram_loss
+    from normlab.train.trainer import load_data
+
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
+
+    stuck = "pre_norm[train.lr=1e-7]"  # 16 steps at lr 1e-7: the loss stays at ln 257 = 5.55, above H
+    report, statuses = compare(RunConfig.load(None, TINY), parse_variants(f"pre_norm,{stuck}"), [0],
+                               tmp_path / "out", progress=False)
+    assert set(statuses.values()) == {"finished"}  # training went fine: stalled is a reading of the result
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    shard_dir, _ = load_data(RunConfig.from_dict(RunConfig.load(None, TINY), vocab_size=1).data, False)
+    assert summary["unigram_loss"] == pytest.approx(unigram_loss(shard_dir)) == pytest.approx(3.292, abs=1e-3)
+    entry = summary["strategies"][stuck]
+    assert [r["status"] for r in entry["runs"]] == ["stalled"] and entry["stalled"] == 1
+    assert entry["failed"] == 0 and entry["val_loss"]["mean"] > summary["unigram_loss"]
+    assert [r["status"] for r in summary["strategies"]["pre_norm"]["runs"]] == ["finished"]
+    assert summary["ranking"] == ["pre_norm", stuck]
+    assert summary["headline"].endswith(f"Stalled: {stuck} (1/1).")
+    assert entry["verdict"].endswith("; stalled at or above the unigram loss in 1/1 seeds")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {stuck}"))
+    assert row.split(" | ")[TABLE_HEADER.index("stalled")] == "1/1"
+    assert f"- {stuck} seed 0: stalled (final val loss" in markdown
+    page = report.read_text()
+    assert "Runs that did not finish normally" in page and f"{stuck} seed 0: stalled" in page
+    assert "<tr class='best'><td>pre_norm (baseline)" in page
 
 
 def test_eval_tasks_reach_the_report(sweep, tmp_path):

@@ -24,6 +24,7 @@ from normlab.data.shards import (
     prepare,
     prepare_or_load,
     read_meta,
+    unigram_loss,
 )
 from normlab.data.tokenizers import (
     BPETokenizer,
@@ -289,6 +290,23 @@ def test_prepare_or_load_trains_and_caches_bpe(tmp_path: Path):
     assert tok.decode(ids) == (tmp_path / "a.txt").read_text()
     assert len(list((tmp_path / "cache").glob("tokenizer-bpe-300-*"))) == 1
     assert prepare_or_load(tmp_path / "a.txt", "bpe:300", tmp_path / "cache", progress=False) == out
+
+
+def test_unigram_loss_is_the_train_token_entropy_and_cached(tmp_path: Path):
+    # train: "aaab" + eos (document 0), val: "zz" + eos (document 1, not counted);
+    # p = 3/5, 1/5, 1/5 -> H = -(0.6 ln 0.6 + 2 * 0.2 ln 0.2) = 0.950271 nats
+    write(tmp_path / "corpus.jsonl", '{"text": "aaab"}\n{"text": "zz"}\n')
+    prepare(tmp_path / "corpus.jsonl", BYTE, tmp_path / "out", shard_tokens=2, val_fraction=0.5, progress=False)
+    assert len(TokenShards(tmp_path / "out", "val")) == 3
+    expected = -(0.6 * np.log(0.6) + 2 * 0.2 * np.log(0.2))
+    assert unigram_loss(tmp_path / "out") == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(0.950271, abs=1e-6)
+    cache = tmp_path / "out" / "unigram.json"
+    cached = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**cached, "unigram_loss": 9.0}))
+    assert unigram_loss(tmp_path / "out") == 9.0  # read from the cache, not counted again
+    cache.write_text(json.dumps({**cached, "fingerprint": "older shards", "unigram_loss": 9.0}))
+    assert unigram_loss(tmp_path / "out") == pytest.approx(expected)  # another prepare: counted again
 
 
 def test_failed_prepare_leaves_no_meta(tmp_path: Path):

@@ -180,3 +180,18 @@ def test_stability_marks_absurd_lr_as_diverged(tmp_path):
     stamp = (out / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns
     stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], out, progress=False)
     assert (out / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_stability_marks_a_run_that_cannot_learn_as_stalled(tmp_path):
+    raw = RunConfig.load(None, [*TINY, "model.n_layers=2"])  # evaluated at steps 6 and 12
+    out = tmp_path / "stab"
+    path = stability(raw, ["pre_norm"], [3e-3, 1e-7], [2], [0], out, progress=False)
+    result = json.loads((out / "stability.json").read_text())
+    assert result["unigram_loss"] == pytest.approx(3.292, abs=1e-3)  # the default corpus, bytes
+    learning, stuck = result["grid"]["pre_norm"]["2|0.003"], result["grid"]["pre_norm"]["2|1e-07"]
+    assert (learning["stalled"], learning["diverged"]) == (0, 0)
+    assert (stuck["stalled"], stuck["diverged"]) == (1, 0) and stuck["runs"][0]["status"] == "stalled"
+    assert stuck["val_loss"] > result["unigram_loss"]  # still the cell's number: a stall is data
+    table = (out / "stability.md").read_text()
+    assert " ≈1 |" in table and "≈k = k runs stalled" in table
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -133,6 +133,36 @@ def test_a_diverged_run_is_data_not_a_crash(tmp_path):
     assert claim_figure(result).axes[0].get_lines()  # the finished seed is still drawn
 
 
+def test_a_stalled_run_is_data_and_listed_in_the_report(tmp_path, monkeypatch):
+    from normlab.config import RunConfig
+    from normlab.data import unigram_loss
+    from normlab.reproduce.claims import DYT_NO_SCALAR
+    from normlab.reproduce.report import write_report
+    from normlab.reproduce.reproduce import BUDGETS, measure
+    from normlab.train.rundir import RunDir
+    from normlab.train.trainer import load_data, train
+
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
+    raw = RunConfig.load(None, [*BUDGETS["smoke"].overrides, "train.eval_every=6", "train.lr=1e-7"])
+    train(raw, tmp_path / "stuck", progress=False)  # 12 steps at lr 1e-7: val loss stays at ln 257
+    shard_dir, _ = load_data(RunConfig.from_dict(raw, vocab_size=1).data, False)
+    unigram = unigram_loss(shard_dir)
+    stuck = measure(RunDir(tmp_path / "stuck"), 0, batches=1, unigram=unigram)
+    assert stuck.summary["status"] == "stalled" and stuck.diagnostics is not None  # diagnosed like a finished run
+    assert measure(RunDir(tmp_path / "stuck"), 0, batches=1).summary["status"] == "finished"  # no H: not judged
+    by_seed = {0: {"pre_norm": run(), "dyt": run(val_loss=2.0), DYT_NO_SCALAR: stuck}}
+    result = {"claim": CLAIMS["21"], "by_seed": by_seed, **evaluate_claim(CLAIMS["21"], by_seed)}
+    effect = result["effects"]["DyT without − with √d scalar val loss"]
+    assert effect["values"] == pytest.approx([stuck.summary["final_val_loss"] - 2.0])  # its loss counts
+    write_report(tmp_path / "report", BUDGETS["smoke"], [0], [result], unigram)
+    record = json.loads((tmp_path / "report" / "claims.json").read_text())
+    assert record["unigram_loss"] == unigram
+    assert record["claims"][0]["runs"] == {"0": {"dyt": "finished", DYT_NO_SCALAR: "stalled", "pre_norm": "finished"}}
+    markdown = (tmp_path / "report" / "reproduce.md").read_text()
+    assert f"- Runs: pre_norm,dyt,{DYT_NO_SCALAR} ({DYT_NO_SCALAR} seed 0: stalled)" in markdown
+    assert "a stalled run is data" in markdown
+
+
 def test_mixln_alpha_and_dyt_scalar_statistics():
     stat = CLAIMS["7"].statistic({"pre_norm": run(val_loss=2.3), "mixln": run(val_loss=2.1),
                                   "mixln[model.mixln_alpha=0.5]": run(val_loss=2.0)})

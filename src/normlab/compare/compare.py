@@ -20,6 +20,7 @@ from typing import Any
 from normlab.compare.report import eval_results, write_report
 from normlab.compare.sweep import plan_runs, run_sweep, worker_env
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
+from normlab.data import unigram_loss
 from normlab.errors import ConfigError
 from normlab.eval import default_results_path, load_task
 from normlab.nn.model import build_model
@@ -107,9 +108,9 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
     # Every run's config resolved (and the corpus tokenized) once, before any training starts.
     overrides = {v.label: [f"model.strategy={v.strategy}", *v.overrides,
                            *([f"model.init={same_init}"] if same_init is not None else [])] for v in variants}
-    runs = plan_runs(raw, [(f"{v.slug}-s{seed}", {"strategy": v.label, "seed": seed},
-                            [*overrides[v.label], f"train.seed={seed}"]) for v in variants for seed in seeds],
-                     progress)
+    runs, shard_dir = plan_runs(raw, [(f"{v.slug}-s{seed}", {"strategy": v.label, "seed": seed},
+                                       [*overrides[v.label], f"train.seed={seed}"])
+                                      for v in variants for seed in seeds], progress)
     spec_variants = []
     for variant in variants:
         mine = [run for run in runs if run.labels["strategy"] == variant.label]
@@ -126,6 +127,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
             "tokens_per_step": base.train.batch_size * base.train.seq_len * base.train.grad_accum,
             "tokens": base.train.max_steps * base.train.batch_size * base.train.seq_len * base.train.grad_accum,
             "lr": base.train.lr, "corpus": base.data.corpus, "tokenizer": base.data.tokenizer,
+            "unigram_loss": unigram_loss(shard_dir),
         },
         "eval": None if evaluation is None else {"tasks": evaluation.tasks, "names": task_names, **evaluation.options()},
     }

@@ -50,8 +50,9 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return (csum[ends] - csum[starts]) / (ends - starts)
 
 
-def loss_curves(data: dict[str, list[list[dict]]], palette: dict) -> plt.Figure:
-    """Validation loss and (smoothed) training loss against tokens."""
+def loss_curves(data: dict[str, list[list[dict]]], palette: dict, unigram_loss: float | None = None) -> plt.Figure:
+    """Validation loss and (smoothed) training loss against tokens, with the corpus's unigram
+    loss (where a run that learned only token frequencies sits) as a dashed line."""
     with plt.rc_context(STYLE):
         fig, (val_ax, train_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
         for name, runs in data.items():
@@ -60,6 +61,9 @@ def loss_curves(data: dict[str, list[list[dict]]], palette: dict) -> plt.Figure:
             window = max(1, len(tr[0][0]) // 10) if tr and len(tr[0][0]) else 1
             _band(val_ax, val, palette[name], name)
             _band(train_ax, tr, palette[name], name, smooth=window)
+        if unigram_loss is not None:
+            for ax in (val_ax, train_ax):
+                ax.axhline(unigram_loss, color="grey", ls="--", lw=1, label="unigram loss")
         val_ax.set(title="Validation loss", xlabel="tokens", ylabel="loss (nats/token)")
         train_ax.set(title="Training loss (smoothed)", xlabel="tokens", ylabel="loss (nats/token)")
         _zoom(val_ax)

@@ -20,6 +20,10 @@ from normlab.train.rundir import RunDir
 FINAL_WINDOW = 0.1
 #: the last part of training over which the report asks whether validation loss still falls
 LATE_PART = 0.2
+#: a run is ``stalled`` within this share of the unigram loss (see ``stalled``)
+STALL_MARGIN = 0.05
+#: statuses of runs that trained to the end: their losses count (a stalled one is flagged)
+COMPLETED = ("finished", "stalled")
 #: the downstream number a task is compared by: the first of these its results hold
 PRIMARY_METRICS = ("acc", "bits_per_byte", "perplexity")
 HIGHER_IS_BETTER = {"acc": True, "bits_per_byte": False, "perplexity": False}
@@ -55,19 +59,44 @@ def _late_drop(evaluated: list[dict[str, Any]]) -> float | None:
     return before[-1]["val_loss"] - evaluated[-1]["val_loss"]
 
 
-def run_summary(run: RunDir, seed: int, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+def stalled(metrics: list[dict[str, Any]], unigram_loss: float) -> bool:
+    """Whether a run sat at the unigram loss H of its corpus (the loss of a model that learned
+    only token frequencies, ``normlab.data.unigram_loss``) for the last LATE_PART of training:
+    every validation loss in that part is >= (1 - STALL_MARGIN)·H, and the loss fell by less
+    than STALL_MARGIN·H over it (``_late_drop``), so it is not on its way down either (a run
+    still falling is under-trained, which the budget check reports). Needs two evaluations.
+
+    STALL_MARGIN = 5% of H: on the default corpus (bytes, H = 3.29 nats) it is 0.16 nats, about
+    5 times the seed-to-seed spread of a final validation loss in the tests' tiny runs (0.03),
+    while one token of context already brings the loss to 2.58 (the bigram conditional
+    entropy, 22% below H)."""
+    evaluated = [r for r in metrics if r.get("val_loss") is not None]
+    drop = _late_drop(evaluated)
+    if drop is None:
+        return False
+    cut = (1 - LATE_PART) * evaluated[-1]["step"]
+    late = [r["val_loss"] for r in evaluated if r["step"] > cut]
+    return min(late) >= (1 - STALL_MARGIN) * unigram_loss and drop < STALL_MARGIN * unigram_loss
+
+
+def run_summary(run: RunDir, seed: int, evaluation: dict[str, Any] | None = None,
+                unigram_loss: float | None = None) -> dict[str, Any]:
     """Final numbers of one run (None where it has none, e.g. diverged before evaluating);
-    ``downstream`` maps each task of ``evaluation`` to its primary metric's value."""
+    ``downstream`` maps each task of ``evaluation`` to its primary metric's value. A finished
+    run that ``stalled`` at ``unigram_loss`` has status "stalled" (its numbers are kept)."""
     status = run.read_status()
     metrics = run.read_metrics()
     evaluated = [r for r in metrics if r.get("val_loss") is not None]
     tail = metrics[-max(1, math.ceil(len(metrics) * FINAL_WINDOW)):] if metrics else []
     finished = status.get("status") == "finished"
+    is_stalled = finished and unigram_loss is not None and stalled(metrics, unigram_loss)
     rates = sorted(r["tokens_per_s"] for r in metrics if r.get("tokens_per_s"))
     return {
         "seed": seed,
-        "status": status.get("status", "missing"),
-        "reason": status.get("reason"),
+        "status": "stalled" if is_stalled else status.get("status", "missing"),
+        "reason": (f"final val loss {evaluated[-1]['val_loss']:.4f}: over the last {LATE_PART:.0%} of training "
+                   f"never {STALL_MARGIN:.0%} below the unigram loss {unigram_loss:.4f}, and fell by less "
+                   f"than {STALL_MARGIN:.0%} of it") if is_stalled else status.get("reason"),
         "steps": metrics[-1]["step"] if metrics else 0,
         "tokens": metrics[-1]["tokens"] if metrics else 0,
         "final_train_loss": sum(r["loss"] for r in tail) / len(tail) if finished and tail else None,
@@ -91,9 +120,10 @@ def _downstream(run: RunDir, evaluation: dict[str, Any]) -> dict[str, dict[str, 
 def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """All numbers of the report, from ``spec`` (what compare ran) and the run directories."""
     baseline = spec["baseline"]
+    unigram_loss = spec["setup"].get("unigram_loss")  # None in compare.json written before it existed
     entries: dict[str, dict[str, Any]] = {}
     for variant in spec["variants"]:
-        runs = [run_summary(RunDir(out / "runs" / name), seed, spec.get("eval"))
+        runs = [run_summary(RunDir(out / "runs" / name), seed, spec.get("eval"), unigram_loss)
                 for seed, name in zip(spec["seeds"], variant["runs"], strict=True)]
         ok = [r for r in runs if r["final_val_loss"] is not None]
         entries[variant["label"]] = {
@@ -106,7 +136,8 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
             "late_val_drop": mean_std([r["late_val_drop"] for r in ok if r["late_val_drop"] is not None]),
             "tokens_per_s": mean_std([r["tokens_per_s"] for r in runs if r["tokens_per_s"]]),
             "diverged": sum(r["status"] == "diverged" for r in runs),
-            "failed": sum(r["status"] not in ("finished", "diverged") for r in runs),
+            "stalled": sum(r["status"] == "stalled" for r in runs),
+            "failed": sum(r["status"] not in (*COMPLETED, "diverged") for r in runs),
             "n_runs": len(runs),
         }
     base = entries[baseline]
@@ -125,6 +156,8 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "budget": budget_check(entries, ranking),
         "baseline": baseline,
+        "unigram_loss": unigram_loss,
+        "stall_margin": STALL_MARGIN,
         "setup": spec["setup"],
         "seeds": spec["seeds"],
         "same_init": spec["same_init"],
@@ -155,18 +188,23 @@ def downstream_summary(runs: list[dict], base_runs: list[dict], tasks: list[str]
 
 
 def rank(entries: dict[str, dict[str, Any]]) -> list[str]:
-    """Strategies with a finished run by mean validation loss; those that diverged in some seed
-    come after those that never did."""
+    """Strategies with a finished run by mean validation loss; those that diverged or stalled
+    in some seed come after those that never did."""
     return sorted((label for label, e in entries.items() if e["val_loss"]["n"]),
-                  key=lambda label: (entries[label]["diverged"] > 0, entries[label]["val_loss"]["mean"]))
+                  key=lambda label: (_unstable(entries[label]), entries[label]["val_loss"]["mean"]))
+
+
+def _unstable(entry: dict[str, Any]) -> bool:
+    return entry["diverged"] + entry["stalled"] > 0
 
 
 def verdict(label: str, entry: dict[str, Any], baseline: str) -> str:
     """One plain sentence per strategy."""
-    n, diverged = entry["n_runs"], entry["diverged"]
+    n, diverged, stalled_runs = entry["n_runs"], entry["diverged"], entry["stalled"]
     if entry["val_loss"]["n"] == 0:
         return f"diverged in {diverged}/{n} seeds" if diverged else f"no finished run ({n - entry['failed']}/{n} ok)"
-    unstable = f"; diverged in {diverged}/{n} seeds" if diverged else ""
+    unstable = (f"; diverged in {diverged}/{n} seeds" if diverged else "") + \
+        (f"; stalled at or above the unigram loss in {stalled_runs}/{n} seeds" if stalled_runs else "")
     if label == baseline:
         return f"baseline: val loss {_pm(entry['val_loss'])}{unstable}"
     delta = entry["delta_val_loss"]
@@ -210,12 +248,15 @@ def headline(entries: dict[str, Any], ranking: list[str], baseline: str) -> str:
     if not ranking:
         return "No strategy finished a run."
     best = ranking[0]
-    text = f"Lowest validation loss{'' if not entries[best]['diverged'] else ' (every strategy diverged at least once)'}: {best} ({_pm(entries[best]['val_loss'])})"
+    caveat = " (every strategy diverged or stalled at least once)" if _unstable(entries[best]) else ""
+    text = f"Lowest validation loss{caveat}: {best} ({_pm(entries[best]['val_loss'])})"
     if best != baseline:
         text += f"; vs {baseline}: {entries[best]['verdict']}"
-    unstable = [label for label, e in entries.items() if e["diverged"]]
-    if unstable:
-        text += ". Diverged: " + ", ".join(f"{u} ({entries[u]['diverged']}/{entries[u]['n_runs']})" for u in unstable)
+    for status in ("diverged", "stalled"):
+        hit = [label for label, e in entries.items() if e[status]]
+        if hit:
+            text += f". {status.capitalize()}: " + ", ".join(f"{u} ({entries[u][status]}/{entries[u]['n_runs']})"
+                                                             for u in hit)
     return text + "."
 
 
@@ -237,7 +278,7 @@ def _delta(entry: dict[str, Any]) -> str:
 
 
 TABLE_HEADER = ["strategy", "init", "val loss", "val ppl", "train loss", "Δ val loss vs baseline (95% CI)",
-                "diverged", "tokens/s"]
+                "diverged", "stalled", "tokens/s"]
 
 
 def downstream_header(summary: dict[str, Any]) -> list[str]:
@@ -284,7 +325,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         tps = e["tokens_per_s"]["mean"]
         rows.append([label + (" (baseline)" if label == summary["baseline"] else ""), e["init"],
                      _pm(e["val_loss"]), _pm(e["val_ppl"], 2), _pm(e["train_loss"]), _delta(e),
-                     f"{e['diverged']}/{e['n_runs']}", f"{tps:,.0f}" if tps else "—"])
+                     f"{e['diverged']}/{e['n_runs']}", f"{e['stalled']}/{e['n_runs']}", f"{tps:,.0f}" if tps else "—"])
     return rows
 
 
@@ -298,7 +339,7 @@ def make_figures(out: Path, summary: dict[str, Any], spec: dict[str, Any]) -> di
         metrics[variant["label"]] = [r.read_metrics() for r in runs]
         layer_stats[variant["label"]] = runs[0].read_layer_stats()
     figures = {
-        "Loss against tokens (band: min–max over seeds)": ("loss.png", plots.loss_curves(metrics, palette)),
+        "Loss against tokens (band: min–max over seeds)": ("loss.png", plots.loss_curves(metrics, palette, summary["unigram_loss"])),
         "Global gradient norm": ("grad_norm.png", plots.grad_norm_curves(metrics, palette)),
     }
     recorded = sorted({r["step"] for records in layer_stats.values() for r in records})
@@ -340,7 +381,19 @@ def _setup_lines(summary: dict[str, Any]) -> list[str]:
                      "Pass --same-init normal to hold it fixed.")
     lines.append(f"Final training loss: mean over the last {summary['final_train_loss_window']:.0%} of logged "
                  "steps; Δ is paired by seed, negative = better than the baseline.")
+    if summary["unigram_loss"] is not None:
+        margin = summary["stall_margin"]
+        lines.append(f"Stalled: a finished run whose validation loss, over the last {LATE_PART:.0%} of training, "
+                     f"never went {margin:.0%} below the corpus's unigram loss H = {summary['unigram_loss']:.4f} "
+                     f"nats/token (a model that learned only token frequencies) and fell by less than {margin:.0%} "
+                     "of H; strategies that stalled or diverged in some seed rank after the others.")
     return lines
+
+
+def _unusual_runs(summary: dict[str, Any]) -> list[str]:
+    """One line per run that did not finish normally (diverged, stalled, failed, ...)."""
+    return [f"{label} seed {r['seed']}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "")
+            for label, e in summary["strategies"].items() for r in e["runs"] if r["status"] != "finished"]
 
 
 def _eval_line(summary: dict[str, Any]) -> str:
@@ -367,12 +420,9 @@ def render_markdown(summary: dict[str, Any], figures: dict[str, Path], out: Path
         lines += ["", "## Downstream", "", _eval_line(summary), "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(text for text, _ in row) + " |" for row in downstream_rows(summary)]
-    failures = [(label, r) for label, e in summary["strategies"].items() for r in e["runs"]
-                if r["status"] != "finished"]
-    if failures:
-        lines += ["", "## Runs that did not finish", ""]
-        lines += [f"- {label} seed {r['seed']}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "")
-                  for label, r in failures]
+    if _unusual_runs(summary):
+        lines += ["", "## Runs that did not finish normally", ""]
+        lines += [f"- {line}" for line in _unusual_runs(summary)]
     lines += ["", "## Plots", ""]
     for caption, path in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
@@ -407,10 +457,15 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path]) -> str:
         parts.append(f"<li><b>{esc(label)}</b>: <span class='{cls}'>{esc(e['verdict'])}</span></li>")
     parts.append("</ul><h2>Results</h2><div class=scroll><table><tr>"
                  + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEADER) + "</tr>")
+    ranking = summary["ranking"]
+    clean_best = bool(ranking) and not _unstable(summary["strategies"][ranking[0]])
     for i, row in enumerate(table_rows(summary)):
-        parts.append(f"<tr class='{'best' if i == 0 and summary['ranking'] else ''}'>"
+        parts.append(f"<tr class='{'best' if i == 0 and clean_best else ''}'>"
                      + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     parts.append("</table></div>")
+    if _unusual_runs(summary):
+        parts.append("<h2>Runs that did not finish normally</h2><ul>"
+                     + "".join(f"<li>{esc(line)}</li>" for line in _unusual_runs(summary)) + "</ul>")
     if summary.get("eval"):
         parts.append(f"<h2>Downstream</h2><p class=muted>{esc(_eval_line(summary))}</p><div class=scroll><table><tr>"
                      + "".join(f"<th>{esc(h)}</th>" for h in downstream_header(summary)) + "</tr>")

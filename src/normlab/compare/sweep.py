@@ -35,13 +35,14 @@ class SweepRun:
 
 
 def plan_runs(raw: dict[str, Any], specs: list[tuple[str, dict[str, Any], list[str]]],
-              progress: bool = True) -> list[SweepRun]:
-    """(name, labels, overrides) per run -> runs with resolved configs: the corpus is tokenized
-    once (before any worker starts) and every run's config resolved once, so a bad override
-    stops the sweep before anything trains."""
-    _, tokenizer = load_data(RunConfig.from_dict(raw, vocab_size=1).data, progress)
-    return [SweepRun(name, labels, RunConfig.resolve(apply_overrides(raw, overrides, SECTIONS), tokenizer.vocab_size))
+              progress: bool = True) -> tuple[list[SweepRun], Path]:
+    """(name, labels, overrides) per run -> (runs with resolved configs, the base config's shard
+    directory): the corpus is tokenized once (before any worker starts) and every run's config
+    resolved once, so a bad override stops the sweep before anything trains."""
+    shard_dir, tokenizer = load_data(RunConfig.from_dict(raw, vocab_size=1).data, progress)
+    runs = [SweepRun(name, labels, RunConfig.resolve(apply_overrides(raw, overrides, SECTIONS), tokenizer.vocab_size))
             for name, labels, overrides in specs]
+    return runs, shard_dir
 
 
 def run_dir(out: Path, run: SweepRun) -> RunDir:

@@ -8,6 +8,7 @@ from normlab.data.shards import (
     prepare,
     prepare_or_load,
     read_meta,
+    unigram_loss,
 )
 from normlab.data.tokenizers import (
     BPETokenizer,
@@ -32,4 +33,5 @@ __all__ = [
     "prepare_or_load",
     "read_meta",
     "train_bpe",
+    "unigram_loss",
 ]

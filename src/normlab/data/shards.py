@@ -3,7 +3,8 @@
 Layout of a shard directory: ``train_000.bin``, ``train_001.bin``, ..., ``val_000.bin``, ... (raw
 token ids in native byte order, ``uint16`` when the vocabulary fits, else ``uint32``), the tokenizer in
 ``tokenizer/``, and ``meta.json``, written last and atomically, so a directory with a
-``meta.json`` always has complete shards.
+``meta.json`` always has complete shards. ``unigram.json`` caches the train split's unigram
+loss (``unigram_loss``), computed the first time it is asked for.
 
 Train/val split: documents are streamed in corpus order and each whole document goes to ``val``
 when, at its start, val holds fewer than ``val_fraction`` of all tokens written so far, else to
@@ -33,10 +34,12 @@ from normlab.errors import DataError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+UNIGRAM_FILE = "unigram.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 26
 _COPY_TOKENS = 1 << 20
+_COUNT_TOKENS = 1 << 24
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -195,10 +198,15 @@ def prepare(
             for split, w in writers.items()
         },
     }
-    temporary = out / (META_FILE + ".tmp")
-    temporary.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(temporary, out / META_FILE)
+    _write_json(out / META_FILE, meta)
     return meta
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically (a temporary file named by the process, then a rename)."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -215,6 +223,32 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
             f"token shards '{directory}': {META_FILE} is not format {FORMAT_VERSION}; prepare again"
         )
     return meta
+
+
+def unigram_loss(directory: str | os.PathLike[str]) -> float:
+    """The unigram loss of a shard directory in nats/token: the entropy H = -sum_v p_v ln p_v of
+    the token frequencies p_v of its train split, the loss of a model that learned only how often
+    each token occurs. Counted once and cached in ``unigram.json`` (keyed by the shards'
+    fingerprint, so shards prepared again are counted again)."""
+    meta = read_meta(directory)
+    path = Path(directory) / UNIGRAM_FILE
+    try:
+        cached = json.loads(path.read_text())
+        if cached["fingerprint"] == meta["fingerprint"]:
+            return float(cached["unigram_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not counted yet, or unreadable: count again
+    shards = TokenShards(directory, "train")
+    if not len(shards):
+        raise DataError(f"token shards '{directory}': the train split is empty")
+    counts = np.zeros(shards.vocab_size, np.int64)
+    for start in range(0, len(shards), _COUNT_TOKENS):
+        block = shards.read(start, min(_COUNT_TOKENS, len(shards) - start))
+        counts += np.bincount(block, minlength=shards.vocab_size)
+    p = counts[counts > 0] / len(shards)
+    entropy = float(-(p * np.log(p)).sum())
+    _write_json(path, {"fingerprint": meta["fingerprint"], "unigram_loss": entropy, "tokens": len(shards)})
+    return entropy
 
 
 def _tokenizer_for(

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from normlab.compare.plots import STYLE  # noqa: E402
@@ -145,7 +146,8 @@ def moe_routing(rows: list[dict]) -> plt.Figure:
 
 def stability_maps(grid: dict, strategies: list[str], depths: list[int], lrs: list[float]) -> plt.Figure:
     """One heat-map per strategy: final validation loss over (depth, lr); diverged cells hatched
-    and marked with a cross."""
+    in red and marked with a cross, stalled cells (``normlab.compare.report.stalled``) hatched in
+    purple and marked with ≈."""
     finite = [c["val_loss"] for s in strategies for c in grid[s].values() if c["val_loss"] is not None]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
     cols = min(3, len(strategies))
@@ -162,12 +164,17 @@ def stability_maps(grid: dict, strategies: list[str], depths: list[int], lrs: li
                     if cell["val_loss"] is not None:
                         values[i, j] = cell["val_loss"]
                         ax.text(j, i, f"{cell['val_loss']:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if cell["val_loss"] > (vmin + vmax) / 2 else "black")
+                                color="black" if cell["val_loss"] > (vmin + vmax) / 2 else "white")
                     if cell["diverged"]:
                         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx",
                                                    edgecolor="tab:red", lw=0))
                         ax.text(j, i, "✕" if cell["val_loss"] is None else f"\n\n{cell['diverged']}✕",
                                 ha="center", va="center", color="tab:red", fontsize=11, fontweight="bold")
+                    if cell["stalled"]:
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
+                                                   edgecolor="purple", lw=0))
+                        ax.text(j, i, f"{cell['stalled']}≈\n\n", ha="center", va="center", color="purple",
+                                fontsize=11, fontweight="bold")
             image = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
             ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
             ax.set_yticks(range(len(depths)), [str(d) for d in depths])
@@ -176,5 +183,9 @@ def stability_maps(grid: dict, strategies: list[str], depths: list[int], lrs: li
             ax.axis("off")
         if image is not None:
             fig.colorbar(image, ax=axes.ravel().tolist(), label="final val loss", shrink=0.9)
-        fig.suptitle("Stability map (✕ = diverged)")
+        fig.legend(handles=[Patch(facecolor="white", edgecolor="tab:red", hatch="xx", label="✕ diverged"),
+                            Patch(facecolor="white", edgecolor="purple", hatch="//",
+                                  label="≈ stalled at or above the unigram loss")],
+                   loc="outside lower center", ncols=2, frameon=False)
+        fig.suptitle("Stability map (✕ = diverged, ≈ = stalled)")
     return fig

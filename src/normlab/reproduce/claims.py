@@ -19,9 +19,11 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 
 @dataclass
 class RunData:
-    """What a statistic may read of one run: ``summary`` (compare's ``run_summary``; its losses
-    are None unless the run finished), ``layers`` (``layers.jsonl`` records) and ``diagnostics``
-    (``diagnose`` on the last checkpoint; None unless the run finished), ``metrics`` (``metrics.jsonl``)."""
+    """What a statistic may read of one run: ``summary`` (compare's ``run_summary``; its
+    ``status`` is finished, stalled (finished at the unigram loss: a claim about stalls counts
+    it), diverged, ...; its losses are None unless the run trained to the end), ``layers``
+    (``layers.jsonl`` records) and ``diagnostics`` (``diagnose`` on the last checkpoint; None
+    unless the run finished or stalled), ``metrics`` (``metrics.jsonl``)."""
 
     summary: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)

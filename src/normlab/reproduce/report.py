@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from normlab.compare import plots
-from normlab.compare.report import CSS
+from normlab.compare.report import COMPLETED, CSS, LATE_PART, STALL_MARGIN
 from normlab.train.checkpoint import atomic_write_text
 
 SMOKE_DISCLAIMER = ("SMOKE BUDGET: these verdicts mean nothing; the smoke budget only checks that "
@@ -35,7 +35,7 @@ def effect_text(effect: dict[str, Any]) -> str:
 
 
 def claim_figure(result: dict[str, Any]) -> plt.Figure:
-    """Left: the claim's profile of each variant (mean over the seeds whose run finished);
+    """Left: the claim's profile of each variant (mean over the seeds whose run finished or stalled);
     right: each effect's mean and 95% CI, positive = as the paper claims."""
     claim, by_seed = result["claim"], result["by_seed"]
     labels = list(dict.fromkeys(label for runs in by_seed.values() for label in runs))
@@ -44,7 +44,7 @@ def claim_figure(result: dict[str, Any]) -> plt.Figure:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
         for label in labels:
             curves = [claim.profile(runs[label]) for runs in by_seed.values()
-                      if label in runs and runs[label].summary["status"] == "finished"]
+                      if label in runs and runs[label].summary["status"] in COMPLETED]
             curves = [c for c in curves if c]
             if curves:
                 width = min(map(len, curves))
@@ -68,12 +68,14 @@ def claim_figure(result: dict[str, Any]) -> plt.Figure:
     return fig
 
 
-def write_report(out: Path, budget, seeds: list[int], results: list[dict[str, Any]]) -> Path:
-    """Write claims.json, the plots, reproduce.md and reproduce.html; returns the HTML path."""
+def write_report(out: Path, budget, seeds: list[int], results: list[dict[str, Any]],
+                 unigram_loss: float | None = None) -> Path:
+    """Write claims.json, the plots, reproduce.md and reproduce.html; returns the HTML path.
+    ``unigram_loss``: the corpus's, against which runs were judged stalled (None: not judged)."""
     figures = {r["claim"].id: plots.save(claim_figure(r), out / "plots" / f"claim-{r['claim'].id}.png")
                for r in results}
     record = {"budget": budget.name, "budget_note": budget.note, "overrides": list(budget.overrides),
-              "seeds": seeds, "smoke": budget.name == "smoke",
+              "seeds": seeds, "smoke": budget.name == "smoke", "unigram_loss": unigram_loss,
               "claims": [claim_record(r) for r in results]}
     atomic_write_text(out / "claims.json", json.dumps(record, indent=1) + "\n")
     atomic_write_text(out / "reproduce.md", render_markdown(record, out, figures))
@@ -86,7 +88,15 @@ def claim_record(result: dict[str, Any]) -> dict[str, Any]:
     return {"id": claim.id, "paper": claim.paper, "statement": claim.statement, "paper_number": claim.paper_number,
             "variants": claim.variants, "effect": claim.effect, "verdict": result["verdict"],
             "effects": result["effects"], "statistic": (claim.statistic.__doc__ or "").strip(),
-            "runs": {str(seed): sorted(runs) for seed, runs in result["by_seed"].items()}}
+            "runs": {str(seed): {label: runs[label].summary["status"] for label in sorted(runs)}
+                     for seed, runs in result["by_seed"].items()}}
+
+
+def run_statuses(claim: dict[str, Any]) -> str:
+    """The claim's runs that did not simply finish, e.g. 'dyt seed 1: stalled', or 'all finished'."""
+    odd = [f"{label} seed {seed}: {status}" for seed, runs in claim["runs"].items()
+           for label, status in runs.items() if status != "finished"]
+    return "; ".join(odd) if odd else "all finished"
 
 
 def _intro(record: dict[str, Any]) -> list[str]:
@@ -95,6 +105,10 @@ def _intro(record: dict[str, Any]) -> list[str]:
                  "Each effect is signed so that > 0 is what the paper claims; reproduced = its 95% CI over "
                  "seeds lies above 0 for every effect, not reproduced = some effect's CI lies below 0, "
                  "otherwise inconclusive (fewer than 2 seeds is always inconclusive).")
+    if record["unigram_loss"] is not None:
+        lines.append(f"A run is stalled when, over the last {LATE_PART:.0%} of training, its validation loss never "
+                     f"went {STALL_MARGIN:.0%} below the corpus's unigram loss ({record['unigram_loss']:.4f} nats/token) "
+                     "and fell by less than that; a stalled run is data: its losses and diagnostics enter the effects.")
     return lines
 
 
@@ -108,7 +122,7 @@ def render_markdown(record: dict[str, Any], out: Path, figures: dict[str, Path])
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     for c in record["claims"]:
         lines += ["", f"## Claim {c['id']}: {c['verdict']}", "", c["statement"], "",
-                  f"- Paper ({c['paper']}): {c['paper_number']}", f"- Runs: {c['variants']}",
+                  f"- Paper ({c['paper']}): {c['paper_number']}", f"- Runs: {c['variants']} ({run_statuses(c)})",
                   f"- Statistic: {c['statistic']}", f"- Effect unit: {c['effect']}"]
         lines += [f"- {name}: {effect_text(e)} → {e['verdict']}" for name, e in c["effects"].items()]
         lines += ["", f"![claim {c['id']}]({figures[c['id']].relative_to(out)})"]
@@ -136,7 +150,8 @@ def render_html(record: dict[str, Any], figures: dict[str, Path]) -> str:
         parts += [f"<h2>Claim {esc(c['id'])}: <span class='{VERDICT_CSS[c['verdict']]}'>{esc(c['verdict'])}</span></h2>",
                   f"<p>{esc(c['statement'])}</p><ul>",
                   f"<li>Paper ({esc(c['paper'])}): {esc(c['paper_number'])}</li>",
-                  f"<li>Runs: {esc(c['variants'])}</li><li>Statistic: {esc(c['statistic'])}</li>",
+                  f"<li>Runs: {esc(c['variants'])} ({esc(run_statuses(c))})</li>"
+                  f"<li>Statistic: {esc(c['statistic'])}</li>",
                   *[f"<li>{esc(name)}: {esc(effect_text(e))} → {esc(e['verdict'])}</li>"
                     for name, e in c["effects"].items()],
                   f"</ul><figure><img alt='claim {esc(c['id'])}' src='data:image/png;base64,{data}'></figure>"]

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.compare import Variant, parse_variants
-from normlab.compare.report import run_summary
+from normlab.compare.report import COMPLETED, run_summary
 from normlab.compare.sweep import plan_runs, run_dir, run_sweep
 from normlab.config import RunConfig, did_you_mean
+from normlab.data import unigram_loss
 from normlab.diagnostics import diagnose
 from normlab.errors import ConfigError
 from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
@@ -84,26 +85,28 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     if len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds: give distinct integers, e.g. 0,1,2")
     raw = RunConfig.load(None, list(budget.overrides))
-    runs = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
-                            [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
-                           for v in claim_variants(claims).values() for seed in seeds], progress)
+    runs, shard_dir = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
+                                       [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
+                                      for v in claim_variants(claims).values() for seed in seeds], progress)
     run_sweep(runs, out, progress, jobs)
+    unigram = unigram_loss(shard_dir)
     data = {(run.labels["variant"], run.labels["seed"]): measure(run_dir(out, run), run.labels["seed"],
-                                                                 budget.diagnose_batches)
+                                                                 budget.diagnose_batches, unigram)
             for run in runs}
     results = []
     for claim in claims:
         labels = [v.label for v in parse_variants(claim.variants)]
         by_seed = {seed: {label: data[label, seed] for label in labels} for seed in seeds}
         results.append({"claim": claim, "by_seed": by_seed, **evaluate_claim(claim, by_seed)})
-    return write_report(out, budget, seeds, results)
+    return write_report(out, budget, seeds, results, unigram)
 
 
-def measure(run: RunDir, seed: int, batches: int) -> RunData:
-    """A run's summary, layer records and, when it finished, diagnostics (computed once, into
+def measure(run: RunDir, seed: int, batches: int, unigram: float | None = None) -> RunData:
+    """A run's summary (status "stalled" when it sat at the ``unigram`` loss), layer records and,
+    when it trained to the end (finished or stalled), diagnostics (computed once, into
     RUN/diagnose/diagnostics.json, for its newest checkpoint). A diverged run is data too."""
-    summary = run_summary(run, seed)
-    if summary["status"] != "finished":
+    summary = run_summary(run, seed, unigram_loss=unigram)
+    if summary["status"] not in COMPLETED:
         return RunData(summary, run.read_metrics(), run.read_layer_stats())
     step = list_checkpoints(run.checkpoints)[-1].step
     saved = run.path / "diagnose" / "diagnostics.json"
