@@ -56,6 +56,16 @@ def assert_same_run(a: RunDir, b: RunDir, tol: float = 1e-4) -> None:
         assert q.get("val_loss", 0) == pytest.approx(p.get("val_loss", 0), abs=tol)
 
 
+def assert_same_layer_stats(a: RunDir, b: RunDir) -> None:
+    """layers.jsonl: per-layer gradient norms and residual statistics of the whole batch."""
+    for p, q in zip(a.read_layer_stats(), b.read_layer_stats(), strict=True):
+        assert q["step"] == p["step"]
+        for group in ("attn", "ffn", "norm", "total"):
+            assert q["grad_norm"][group] == pytest.approx(p["grad_norm"][group], rel=1e-4)
+        for key in ("residual_rms", "residual_var", "residual_absmax"):
+            assert q[key] == pytest.approx(p[key], rel=1e-5)
+
+
 def stopped_at(run: RunDir, tmp_path, name: str, step: int) -> RunDir:
     """A copy of ``run`` as a kill right after checkpoint ``step`` leaves it: the later
     checkpoints are gone (the later log lines are dropped on resume)."""
@@ -71,6 +81,7 @@ def test_two_process_ddp_matches_single_process_and_resumes_on_one(tmp_path, sin
     assert_same_run(single, ddp, tol=1e-5)  # same global batches; only the reduction order differs
     assert [c.step for c in list_checkpoints(ddp.checkpoints)] == [5, 10]
     assert len(ddp.read_layer_stats()) == 3  # steps 1, 5, 10, written once each
+    assert_same_layer_stats(single, ddp)
     # the global batch does not depend on the process count, so one process can carry on
     trained(tmp_path, "ddp", BHYT, steps=14, resume=True)
     assert [r["step"] for r in ddp.read_metrics()][-4:] == [11, 12, 13, 14]
@@ -79,22 +90,21 @@ def test_two_process_ddp_matches_single_process_and_resumes_on_one(tmp_path, sin
 def test_fsdp_matches_single_process_resumes_on_one_process_and_reads_back(tmp_path, single):
     fsdp = trained(tmp_path, "fsdp", [*BHYT, "train.distributed=fsdp"], processes=2)
     assert_same_run(single, fsdp)
-    for p, q in zip(single.read_layer_stats(), fsdp.read_layer_stats(), strict=True):  # reduced over ranks
-        for group in ("attn", "ffn", "norm", "total"):
-            assert q["grad_norm"][group] == pytest.approx(p["grad_norm"][group], rel=1e-4)
-        for key in ("residual_rms", "residual_var", "residual_absmax"):
-            assert q[key] == pytest.approx(p[key], rel=1e-5)
+    assert_same_layer_stats(single, fsdp)  # sharded gradients and split batches reduced over ranks
     last = list_checkpoints(fsdp.checkpoints)[-1].path
     assert (last / "sharded" / ".metadata").is_file() and "optimizer" not in torch.load(
         last / "trainer.pt", weights_only=True)
-    # stopped after step 5, resumed in one plain process: the same run as the uninterrupted one
+    # stopped after step 5, resumed in one plain process or on 2 again: the uninterrupted run
     resumed = stopped_at(fsdp, tmp_path, "resumed", 5)
     trained(tmp_path, "resumed", [*BHYT, "train.distributed=fsdp"], resume=True)
     assert_same_run(single, resumed)
+    again = stopped_at(fsdp, tmp_path, "again", 5)
+    trained(tmp_path, "again", [*BHYT, "train.distributed=fsdp"], processes=2, resume=True)
+    assert_same_run(single, again)
     # the gathered model.safetensors is what evaluate, diagnose and export read
     ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = load_run(single.path).model(ids)
-    for run in (fsdp, resumed):
+    for run in (fsdp, resumed, again):
         assert torch.allclose(load_run(run.path).model(ids), expected, atol=1e-4)
 
 
@@ -108,11 +118,13 @@ def test_fsdp_with_tied_embeddings_matches_and_resumes_a_single_process_checkpoi
     assert_same_run(single, switched)
 
 
-def test_bad_distributed_mode_is_one_line_exit_2(tmp_path):
-    result = normlab("train", "--quiet", "--out", str(tmp_path / "bad"), *BHYT, "train.distributed=zero3",
-                     tmp_path=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "normlab: error: train.distributed: unknown value 'zero3'; choose one of ddp, fsdp"
+def test_bad_distributed_mode_is_one_line_exit_2(tmp_path, capsys):
+    from normlab.cli import main
+
+    assert main(["train", "--quiet", "--out", str(tmp_path / "bad"), *BHYT, "train.distributed=zero3"]) == 2
+    message = "normlab: error: train.distributed: unknown value 'zero3'; choose one of ddp, fsdp"
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "bad").exists()
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
