@@ -215,7 +215,9 @@ def load_sharded(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Opti
     processes and whatever wrapping load it: FSDP, DDP or none) and return the trainer state."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(loaded, checkpoint_id=ckpt.path / SHARDED, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process without a process group is meant, not a mistake
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(loaded, checkpoint_id=ckpt.path / SHARDED, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     return torch.load(ckpt.path / STATE, map_location="cpu", weights_only=True)
 
