@@ -264,7 +264,7 @@ def test_layer_grad_norms_add_up_to_the_global_norm():
     assert sum(t ** 2 for t in norms["total"]) + outside == pytest.approx(global_sq, rel=1e-6)
     # residual statistics: entering each block, then leaving the last one
     hidden = out.hidden_states
-    rms = [s[0] for s in probe.stats]
+    rms = [s[0] for s in probe.stats()]
     assert len(rms) == 4
     for i in range(3):
         assert rms[i] == pytest.approx(hidden[i].pow(2).mean().sqrt().item(), rel=1e-5)

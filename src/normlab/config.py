@@ -483,6 +483,7 @@ class TrainConfig:
     diverge_loss: float | None = None  # None: 3 * ln(vocab_size); a loss above it = diverged
     record_every: int = 0  # per-layer grad norms + residual RMS to layers.jsonl every N steps; 0 = off
     device: str = "auto"  # auto: cuda when available, else cpu
+    distributed: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (FSDP2, sharded)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -503,6 +504,7 @@ class TrainConfig:
             if getattr(self, name) >= 1:
                 raise ConfigError(f"train.{name}: {getattr(self, name)} must be below 1")
         check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
         if not isinstance(self.compile, bool):
             raise ConfigError(f"train.compile: expected true or false, got {self.compile!r}")
         if self.diverge_loss is not None:
@@ -515,7 +517,7 @@ class TrainConfig:
 
 #: train fields that may change when a run is resumed (they do not change its trajectory)
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every",
-                          "keep_last", "compile", "device", "record_every")
+                          "keep_last", "compile", "device", "record_every", "distributed")
 SECTIONS = ("model", "data", "train")
 #: top-level keys of a run YAML: the sections and the plugin list
 TOP_LEVEL_KEYS = (*SECTIONS, "plugins")

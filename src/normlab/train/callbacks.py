@@ -11,7 +11,9 @@ On a recording step the trainer writes one line to ``layers.jsonl``::
 
 
 Forward hooks are attached only for the recording step's first micro-batch, so other steps cost
-nothing.
+nothing. Under torchrun every rank records and rank 0 writes: residual statistics are reduced
+over the ranks' parts of the micro-batch (sums and counts, max for absmax), and FSDP's sharded
+gradients are summed over their shards, so the line equals the single-process one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from normlab.train import distributed
+from normlab.train.distributed import World
 
 
 def parameter_group(name: str) -> str:
@@ -36,13 +43,23 @@ def parameter_group(name: str) -> str:
 def layer_grad_norms(model: nn.Module) -> dict[str, list[float]]:
     """L2 norm of the gradients of each block's parameters, split into attention projections,
     FFN and norm parameters (gains, DyT alpha, BHyT lambda, Q/K/V-norm gains); ``total``
-    squared is the sum of the three squared."""
+    squared is the sum of the three squared. FSDP gradients are DTensor shards, disjoint
+    between ranks: each rank sums its own squares and one all-reduce over the shard group
+    completes the sums (every rank must call this then)."""
     layers = model.model.layers
     sums = {group: [0.0] * len(layers) for group in ("attn", "ffn", "norm")}
+    shard_group = None
     for index, block in enumerate(layers):
         for name, p in block.named_parameters(prefix=f"layer.{index}"):
             if p.grad is not None:
-                sums[parameter_group(name)][index] += p.grad.detach().float().pow(2).sum().item()
+                grad = p.grad.detach()
+                if isinstance(grad, DTensor):
+                    shard_group, grad = grad.device_mesh.get_group(), grad.to_local()
+                sums[parameter_group(name)][index] += grad.float().pow(2).sum().item()
+    if shard_group is not None:
+        flat = torch.tensor([v for values in sums.values() for v in values], dtype=torch.float64)
+        dist.all_reduce(flat, group=shard_group)  # a CPU tensor: gloo (NCCL runs pair it with gloo)
+        sums = dict(zip(sums, flat.view(len(sums), -1).tolist(), strict=True))
     out = {group: [math.sqrt(v) for v in values] for group, values in sums.items()}
     out["total"] = [math.sqrt(sum(sums[g][i] for g in sums)) for i in range(len(layers))]
     return out
@@ -52,13 +69,14 @@ class ResidualProbe:
     """Forward hooks that record residual-stream statistics entering each block and leaving
     the last one (before the final norm)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.stats: list[tuple[float, float, float]] = []
+    def __init__(self, model: nn.Module, world: World = distributed.SINGLE) -> None:
+        self.model, self.world = model, world
+        self._sums: list[list[float]] = []  # per site: sum x², sum of per-token variances, #values, #tokens
+        self._absmax: list[float] = []
         self._handles: list = []
 
     def __enter__(self) -> ResidualProbe:
-        self.stats = []
+        self._sums, self._absmax = [], []
         layers = self.model.model.layers
         for block in layers:
             self._handles.append(block.register_forward_pre_hook(self._record_input))
@@ -72,11 +90,17 @@ class ResidualProbe:
 
     def _record(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        self.stats.append((
-            x.pow(2).mean().sqrt().item(),
-            x.var(dim=-1, unbiased=False).mean().item(),
-            x.abs().max().item(),
-        ))
+        self._sums.append([x.pow(2).sum().item(), x.var(dim=-1, unbiased=False).sum().item(),
+                           x.numel(), x[..., 0].numel()])
+        self._absmax.append(x.abs().max().item())
+
+    def stats(self) -> list[tuple[float, float, float]]:
+        """Per site (RMS, mean per-token variance, max |x|) over the whole micro-batch: summed
+        over the ranks' parts of it under torchrun (a collective: every rank calls it)."""
+        flat = distributed.all_reduce_sum(self.world, [v for site in self._sums for v in site])
+        absmax = distributed.all_reduce_max(self.world, self._absmax)
+        sites = [flat[i:i + 4] for i in range(0, len(flat), 4)]
+        return [(math.sqrt(sq / n), var / tokens, m) for (sq, var, n, tokens), m in zip(sites, absmax, strict=True)]
 
     def _record_input(self, module, args) -> None:
         self._record(args[0])
@@ -86,19 +110,23 @@ class ResidualProbe:
 
 
 class LayerRecorder:
-    """Writes ``layers.jsonl`` every ``every`` steps (and at the last step)."""
+    """Writes ``layers.jsonl`` every ``every`` steps (and at the last step); under torchrun
+    every rank computes the record and rank 0 writes it."""
 
-    def __init__(self, model: nn.Module, path: Path, every: int, max_steps: int) -> None:
-        self.model, self.path, self.every, self.max_steps = model, path, every, max_steps
+    def __init__(self, model: nn.Module, path: Path, every: int, max_steps: int,
+                 world: World = distributed.SINGLE) -> None:
+        self.model, self.path, self.every, self.max_steps, self.world = model, path, every, max_steps, world
 
     def active(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is recorded."""
         return self.every > 0 and (step % self.every == 0 or step == self.max_steps or step == 1)
 
     def write(self, step: int, probe: ResidualProbe) -> None:
-        rms, var, absmax = (list(column) for column in zip(*probe.stats, strict=True))
+        rms, var, absmax = (list(column) for column in zip(*probe.stats(), strict=True))
         record = {"step": step, "grad_norm": layer_grad_norms(self.model), "residual_rms": rms,
                   "residual_var": var, "residual_absmax": absmax}
+        if not self.world.is_main:
+            return
         loads = {str(i): block.mlp.expert_load.tolist() for i, block in enumerate(self.model.model.layers)
                  if getattr(block.mlp, "expert_load", None) is not None}
         if loads:  # the last forward's routing: the recording step's last micro-batch

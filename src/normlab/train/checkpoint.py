@@ -5,6 +5,14 @@ checkpoint is written into a hidden temporary directory, every file is fsynced, 
 (sizes and sha256 of the other files) is written last, and the directory is renamed into place,
 so a kill at any moment leaves either the whole checkpoint or none. Loading never unpickles
 arbitrary objects (safetensors, and ``torch.load(weights_only=True)``).
+
+An FSDP run's checkpoint adds ``sharded/``: model and optimizer state written by every rank
+through ``torch.distributed.checkpoint`` (one file per rank plus ``.metadata``), which loads
+back on any number of processes, sharded or not; its ``trainer.pt`` then holds no optimizer.
+``model.safetensors`` is still there, gathered from the shards at every save, so that every
+checkpoint of every run reads back the same way (``load_run``: evaluate, diagnose, export-hf,
+compare) with no conversion step; the price is one all-gather of the weights to rank 0's CPU
+per save, the memory a DDP rank holds anyway.
 """
 
 from __future__ import annotations
@@ -19,12 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from normlab.errors import CheckpointError
+from normlab.train import distributed
+from normlab.train.distributed import World
 
-WEIGHTS, STATE, MANIFEST = "model.safetensors", "trainer.pt", "manifest.json"
+WEIGHTS, STATE, MANIFEST, SHARDED = "model.safetensors", "trainer.pt", "manifest.json", "sharded"
 
 
 @dataclass
@@ -63,19 +81,58 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(directory: Path, step: int, model: nn.Module, state: dict[str, Any],
                     keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+    tmp = _temporary(directory, step)
+    save_model(model, str(tmp / WEIGHTS))
+    torch.save(state, tmp / STATE)
+    return _commit(tmp, step, keep_last)
+
+
+def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict[str, Any], keep_last: int, world: World) -> Path:
+    """Every rank: write its shards of model and optimizer to ``sharded/`` and send its part of
+    the weights to rank 0, which writes ``model.safetensors`` (a tied weight once), ``trainer.pt``
+    (``state``, no optimizer) and, after a barrier (all shards on disk), the manifest; then it
+    renames the directory into place. Needs a file system every rank sees."""
+    tmp = directory / f".tmp-step_{step:06d}"
+    if world.is_main:
+        _temporary(directory, step)
+    distributed.barrier(world)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    distributed.barrier(world)
+    if world.is_main:
+        unique = {name for name, _ in model.named_parameters()}
+        aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+        save_file({k: v.contiguous() for k, v in full.items() if k not in aliases}, tmp / WEIGHTS,
+                  metadata={"format": "pt"})
+        torch.save(state, tmp / STATE)
+        _commit(tmp, step, keep_last)
+    distributed.barrier(world)  # nobody reads or writes checkpoints before the rename
+    return directory / f"step_{step:06d}"
+
+
+def _temporary(directory: Path, step: int) -> Path:
+    """A fresh hidden directory for checkpoint ``step``."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step:06d}"
     tmp = directory / f".tmp-step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS))
-    torch.save(state, tmp / STATE)
+    return tmp
+
+
+def _commit(tmp: Path, step: int, keep_last: int) -> Path:
+    """fsync every file in ``tmp``, write the manifest (sizes, sha256) last, rename ``tmp`` to
+    ``step_N`` and delete all but the newest ``keep_last`` checkpoints."""
     files = {}
-    for name in (WEIGHTS, STATE):
-        fsync_path(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        fsync_path(path)
+        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    for folder in (p for p in tmp.rglob("*") if p.is_dir()):
+        fsync_path(folder)
     fsync_path(tmp)
+    directory, final = tmp.parent, tmp.parent / f"step_{step:06d}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -134,6 +191,11 @@ def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
 def load_checkpoint(ckpt: Checkpoint, model: nn.Module) -> dict[str, Any]:
     """Verify, load the weights into ``model`` and return the trainer state."""
     verify(ckpt)
+    return load_verified(ckpt, model)
+
+
+def load_verified(ckpt: Checkpoint, model: nn.Module) -> dict[str, Any]:
+    """``load_checkpoint`` without the verification (done already)."""
     missing, unexpected = load_weights(model, ckpt.path / WEIGHTS)
     if missing or unexpected:
         raise CheckpointError(
@@ -143,13 +205,44 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module) -> dict[str, Any]:
     return torch.load(ckpt.path / STATE, map_location="cpu", weights_only=True)
 
 
-def load_latest(directory: Path, model: nn.Module) -> tuple[Checkpoint, dict[str, Any]] | None:
-    """Load the newest checkpoint that verifies. A bad one is reported, moved aside to
+def is_sharded(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` holds ``torch.distributed.checkpoint`` shards (an FSDP run's)."""
+    return (ckpt.path / SHARDED).is_dir()
+
+
+def load_sharded(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank: load model and optimizer from ``sharded/`` (resharded to however many
+    processes and whatever wrapping load it: FSDP, DDP or none) and return the trainer state."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # one process without a process group is meant, not a mistake
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(loaded, checkpoint_id=ckpt.path / SHARDED, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    return torch.load(ckpt.path / STATE, map_location="cpu", weights_only=True)
+
+
+def load_full_into_sharded(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           plain: nn.Module, plain_optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank: load a one-file checkpoint (single-process or DDP run) into an FSDP ``model``
+    and ``optimizer``, through an unsharded copy (``plain``, built like ``model``) that maps
+    the optimizer's parameter indices to names; each rank keeps its shards."""
+    state = load_verified(ckpt, plain)
+    plain_optimizer.load_state_dict(state.pop("optimizer"))
+    model_state, optimizer_state = get_state_dict(plain, plain_optimizer)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+    return state
+
+
+def latest_verified(directory: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies. A bad one is reported, moved aside to
     ``corrupt-step_N`` (never deleted) and the previous good one used instead."""
     for ckpt in reversed(list_checkpoints(directory)):
         try:
-            return ckpt, load_checkpoint(ckpt, model)
-        except (CheckpointError, RuntimeError, ValueError) as err:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as err:
             aside = ckpt.path.with_name(f"corrupt-{ckpt.path.name}")
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(ckpt.path, aside)

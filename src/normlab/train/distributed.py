@@ -1,5 +1,5 @@
-"""Process-group helpers for ``torchrun`` (DDP). A plain ``normlab train`` is world size 1 and
-none of these calls communicate."""
+"""Process-group helpers for ``torchrun`` (DDP or FSDP2). A plain ``normlab train`` is world
+size 1 and none of these calls communicate."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,46 @@ def barrier(world: World) -> None:
 
 def all_reduce_sum(world: World, values: list[float]) -> list[float]:
     """Element-wise sum over ranks of a few floats (float64 on CPU)."""
+    return _all_reduce(world, values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(world: World, values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks of a few floats."""
+    return _all_reduce(world, values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(world: World, values: list[float], op) -> list[float]:
     if not world.distributed:
         return values
     tensor = torch.tensor(values, dtype=torch.float64)  # CPU: gloo
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 
 def any_rank(world: World, flag: bool) -> bool:
     """True when ``flag`` is true on at least one rank."""
     return all_reduce_sum(world, [float(flag)])[0] > 0
+
+
+def wrap(model: nn.Module, world: World, mode: str, device: torch.device, bf16: bool) -> nn.Module:
+    """The module the training step calls: ``model`` itself in a single process, a DDP wrapper,
+    or, for ``mode='fsdp'``, ``model`` sharded in place by FSDP2 (``fully_shard`` on every block,
+    then on the root, which holds the embedding, the final norm and the head, so a tied
+    embedding/head weight is one sharded parameter). ``bf16`` on CUDA computes in bf16 from
+    fp32 master weights and reduces gradients in fp32."""
+    if not world.distributed:
+        return model
+    if mode == "ddp":
+        return DistributedDataParallel(model)
+    mesh = init_device_mesh(device.type, (world.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``wrap`` sharded ``model`` with FSDP2."""
+    return isinstance(model, FSDPModule)

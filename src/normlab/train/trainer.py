@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from normlab.config import ConfigError, DataConfig, RunConfig, config_changes
@@ -31,7 +31,17 @@ from normlab.nn.model import NormLM, build_model
 from normlab.plugins import load_recorded, record
 from normlab.train import distributed
 from normlab.train.callbacks import LayerRecorder, ResidualProbe
-from normlab.train.checkpoint import load_latest, save_checkpoint
+from normlab.train.checkpoint import (
+    Checkpoint,
+    is_sharded,
+    latest_verified,
+    list_checkpoints,
+    load_full_into_sharded,
+    load_sharded,
+    load_verified,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from normlab.train.distributed import World
 from normlab.train.optim import build_optimizer, build_scheduler, lr_factor
 from normlab.train.rundir import RunDir
@@ -110,15 +120,15 @@ class _StopRequest:
 
 def evaluate(model: NormLM, shards: TokenShards, cfg: RunConfig, device: torch.device,
              world: World = distributed.SINGLE) -> float:
-    """Mean next-token loss over the first ``train.eval_batches`` validation batches (shared
-    out round-robin between processes)."""
+    """Mean next-token loss over the first ``train.eval_batches`` validation batches; with N
+    processes each takes 1/N of every batch's rows (every rank runs every forward, as FSDP's
+    gathers need)."""
     model.eval()
     total, count = 0.0, 0
     batches = eval_batches(shards, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches)
     with torch.no_grad(), _autocast(cfg, device):
-        for index, (x, y) in enumerate(batches):
-            if index % world.world_size != world.rank:
-                continue
+        for x, y in batches:
+            x, y = (t.chunk(world.world_size)[world.rank] for t in (x, y))
             logits = model(x.to(device))
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
             count += y.numel()
@@ -200,7 +210,8 @@ def _main_first(world: World, fn):
 
 class Trainer:
     """One run. ``train.batch_size`` is the global batch; with N processes each takes
-    batch_size / N windows of the step's batch, so the trajectory does not depend on N."""
+    batch_size / N windows of the step's batch, so the trajectory does not depend on N (nor on
+    DDP vs FSDP: both average the ranks' gradients)."""
 
     def __init__(self, cfg: RunConfig, run: RunDir, shard_dir: Path, progress: bool = True,
                  world: World = distributed.SINGLE) -> None:
@@ -216,38 +227,56 @@ class Trainer:
         eval_batches(self.val_shards, t.batch_size, t.seq_len)  # checks the split is long enough
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, seed=t.seed).to(self.device)
-        self.optimizer = build_optimizer(self.model, t)
+        self.parallel = distributed.wrap(self.model, world, t.distributed, self.device, t.precision == "bf16")
+        self.sharded = distributed.is_fsdp(self.model)
+        self.optimizer = build_optimizer(self.model, t)  # after sharding: FSDP's parameters are DTensors
         self.scheduler = build_scheduler(self.optimizer, t)
-        self.parallel = DistributedDataParallel(self.model) if world.distributed else self.model
         self.forward = torch.compile(self.parallel) if t.compile else self.parallel
         self.diverge_loss = t.diverge_loss or 3 * math.log(cfg.model.vocab_size)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
         self.step = 0
         self.writer = _tensorboard(run.path / "tb") if world.is_main else None
-        every = t.record_every if world.is_main else 0
-        self.recorder = LayerRecorder(self.model, run.layers_path, every, t.max_steps)
+        self.recorder = LayerRecorder(self.model, run.layers_path, t.record_every, t.max_steps, world)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+        """trainer.pt: step, scheduler, RNG, data fingerprint, and the optimizer unless sharded
+        (then it is in the checkpoint's ``sharded/``)."""
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                  "data_fingerprint": self.train_shards.meta["fingerprint"]}
+        if not self.sharded:
+            state["optimizer"] = self.optimizer.state_dict()
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def _latest(self) -> Checkpoint | None:
+        """The checkpoint to resume from: rank 0 verifies (moving corrupt ones aside), the
+        others take its choice."""
+        found = latest_verified(self.run.checkpoints) if self.world.is_main else None
+        step = int(distributed.all_reduce_sum(self.world, [found.step + 1 if found else 0])[0]) - 1
+        return next((c for c in list_checkpoints(self.run.checkpoints) if c.step == step), None)
+
     def _restore(self) -> None:
-        # rank 0 first: it moves corrupt checkpoints aside before the others look
-        loaded = _main_first(self.world, lambda: load_latest(self.run.checkpoints, self.model))
-        if loaded is None:
+        """Load the newest checkpoint: an FSDP run's shards into any world size and wrapping, a
+        one-file checkpoint into a plain or DDP model, or into FSDP shards via a plain copy."""
+        ckpt = self._latest()
+        if ckpt is None:
             return
-        _, state = loaded
+        if is_sharded(ckpt):
+            state = load_sharded(ckpt, self.model, self.optimizer)
+        elif self.sharded:
+            plain = build_model(self.cfg.model)
+            state = load_full_into_sharded(ckpt, self.model, self.optimizer, plain,
+                                           build_optimizer(plain, self.cfg.train))
+        else:
+            state = load_verified(ckpt, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("data_fingerprint", self.train_shards.meta["fingerprint"]) != self.train_shards.meta["fingerprint"]:
             raise CheckpointError(
                 f"cannot resume '{self.run.path}': the tokenized data differ from those it was trained "
                 "on (the corpus files or the tokenizer changed); use another --out"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The LR of the next step under the current schedule: the same value when nothing
         # changed, the extended cosine when train.max_steps was raised on resume.
@@ -261,8 +290,23 @@ class Trainer:
         self.step = int(state["step"])
 
     def _save(self) -> None:
-        if self.world.is_main:
-            save_checkpoint(self.run.checkpoints, self.step, self.model, self._state(), self.cfg.train.keep_last)
+        keep = self.cfg.train.keep_last
+        if self.sharded:
+            save_sharded_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self._state(),
+                                    keep, self.world)
+        elif self.world.is_main:
+            save_checkpoint(self.run.checkpoints, self.step, self.model, self._state(), keep)
+
+    def _refresh_bhyt_constants(self) -> None:
+        """BHyT's c_attn from the current weights; FSDP gathers one block's weights at a time."""
+        if not self.sharded:
+            self.model.refresh_bhyt_constants()
+            return
+        for block in self.model.model.layers:
+            if block.shared_statistic:
+                block.unshard()
+                block.refresh_c_attn(self.cfg.model.bhyt_context_len)
+                block.reshard()
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -317,7 +361,7 @@ class Trainer:
             window_time += time.perf_counter() - started
             window_tokens += self.tokens_per_step
             if self.step % self.cfg.model.bhyt_refresh_every == 0:
-                self.model.refresh_bhyt_constants()
+                self._refresh_bhyt_constants()
 
             last = self.step == t.max_steps
             record: dict[str, Any] = {}
@@ -344,14 +388,14 @@ class Trainer:
         moe_z_loss_weight * router z-loss to the next-token loss for MoE models."""
         t, m = self.cfg.train, self.cfg.model
         record = self.recorder.active(self.step + 1)
-        probe = ResidualProbe(self.model)
+        probe = ResidualProbe(self.model, self.world)
         total = 0.0
         moe_totals = {"moe_load_balance": 0.0, "moe_z_loss": 0.0}
         for micro in range(t.grad_accum):
             x, y = self.sampler.batch(self.step * t.grad_accum + micro)
-            sync = micro == t.grad_accum - 1 or not self.world.distributed  # DDP: all-reduce once
+            sync = micro == t.grad_accum - 1  # DDP: all-reduce once; FSDP: reduce-scatter once
             with (_autocast(self.cfg, self.device), (probe if record and micro == 0 else contextlib.nullcontext()),
-                  contextlib.nullcontext() if sync else self.parallel.no_sync()):
+                  self._gradient_sync(sync)):
                 logits = self.forward(x.to(self.device))
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
                 objective = loss
@@ -369,8 +413,22 @@ class Trainer:
         if record:
             self.recorder.write(self.step + 1, probe)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        return total, grad_norm, moe_logged
+        params = list(self.model.parameters())
+        # = clip_grad_norm_; FSDP's norm is a DTensor over the shards, made whole before clipping
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return total, norm.item(), moe_logged
+
+    def _gradient_sync(self, sync: bool):
+        """A context in which backward reduces the gradients over ranks only when ``sync``
+        (the last micro-batch of a step); a no-op in a single process."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+        elif self.world.distributed and not sync:
+            return self.parallel.no_sync()
+        return contextlib.nullcontext()
 
     def _log(self, record: dict[str, Any], bar: tqdm) -> None:
         self.run.append_metrics(record)
