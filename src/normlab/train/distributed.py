@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from normlab.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ def wrap(model: nn.Module, world: World, mode: str, device: torch.device, bf16: 
         return model
     if mode == "ddp":
         return DistributedDataParallel(model)
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # public FSDP2 API since torch 2.6
+        raise ConfigError(f"train.distributed: fsdp needs torch>=2.6 (this is {torch.__version__})") from None
     mesh = init_device_mesh(device.type, (world.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
@@ -103,4 +108,8 @@ def wrap(model: nn.Module, world: World, mode: str, device: torch.device, bf16: 
 
 def is_fsdp(model: nn.Module) -> bool:
     """Whether ``wrap`` sharded ``model`` with FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
     return isinstance(model, FSDPModule)

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from normlab.config import ConfigError, DataConfig, RunConfig, config_changes
@@ -413,11 +412,11 @@ class Trainer:
         if record:
             self.recorder.write(self.step + 1, probe)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        if not self.sharded:
+            return total, torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item(), moe_logged
+        # = clip_grad_norm_, with FSDP's norm (a DTensor over the shards) made whole before clipping
         params = list(self.model.parameters())
-        # = clip_grad_norm_; FSDP's norm is a DTensor over the shards, made whole before clipping
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return total, norm.item(), moe_logged
 
