@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from normlab.compare import compare, parse_variants
-from normlab.compare.report import STALL_MARGIN, TABLE_HEADER, stalled, verdict
+from normlab.compare.report import STALL_MARGIN, TABLE_HEADER, depth_profile, stalled, verdict
 from normlab.compare.stats import mean_std, paired_difference
 from normlab.config import RunConfig
 from normlab.errors import ConfigError, NormlabError
@@ -35,6 +35,20 @@ def sweep(tmp_path_factory):
     report, statuses = compare(RunConfig.load(None, TINY), parse_variants(VARIANTS), [0, 1], out,
                                progress=False)
     return out, report, statuses
+
+
+def test_depth_profile_by_hand():
+    """Residual growth ln(RMS_L/RMS_1) from the last record, gradient tilt (deep − shallow mean
+    ln grad norm) from the first; the embedding output RMS_0 is left out."""
+    first = {"step": 1, "grad_norm": {"total": [4.0, 2.0, 1.0, 0.5]}, "residual_rms": [9.0, 1.0, 1.0, 1.0, 1.0]}
+    last = {"step": 50, "grad_norm": {"total": [1.0, 1.0, 1.0, 1.0]}, "residual_rms": [0.1, 2.0, 3.0, 5.0, 6.0]}
+    profile = depth_profile([first, last])
+    assert profile["residual_growth"] == pytest.approx(math.log(6.0 / 2.0))
+    tilt = (math.log(1.0) + math.log(0.5)) / 2 - (math.log(4.0) + math.log(2.0)) / 2
+    assert profile["grad_tilt"] == pytest.approx(tilt) and tilt < 0
+    one_layer = {"step": 1, "grad_norm": {"total": [1.0]}, "residual_rms": [1.0, 2.0]}
+    assert depth_profile([one_layer]) == {"residual_growth": None, "grad_tilt": None}
+    assert depth_profile([]) == {"residual_growth": None, "grad_tilt": None}
 
 
 def test_hand_computed_confidence_interval():
@@ -110,6 +124,11 @@ def test_report_files_hold_the_summary_numbers(sweep):
     assert delta["mean"] == pytest.approx(sum(s - p for s, p in zip(star, pre, strict=True)) / 2)
     assert f"{delta['mean']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]" in markdown
     assert summary["headline"] in markdown and summary["ranking"][0] in summary["headline"]
+    growth = [depth_profile(RunDir(out / "runs" / f"pre_norm-s{s}").read_layer_stats())["residual_growth"]
+              for s in (0, 1)]
+    assert summary["strategies"]["pre_norm"]["residual_growth"]["mean"] == pytest.approx(sum(growth) / 2)
+    row = next(line for line in markdown.split("## Depth")[1].splitlines() if line.startswith("| pre_norm"))
+    assert f"×{math.exp(sum(growth) / 2):.2f}" in row and "<h2>Depth</h2>" in html
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(images) == 4  # loss, grad norm, per-layer grad norm, residual RMS
     for name in ("loss", "grad_norm", "layer_grad_norm", "residual_rms"):

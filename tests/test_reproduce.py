@@ -140,11 +140,11 @@ def test_a_stalled_run_is_data_and_listed_in_the_report(tmp_path, monkeypatch):
     from normlab.reproduce.report import write_report
     from normlab.reproduce.reproduce import BUDGETS, measure
     from normlab.train.rundir import RunDir
-    from normlab.train.trainer import load_data, train
+    from normlab.train.trainer import load_data, run_config, train
 
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
     raw = RunConfig.load(None, [*BUDGETS["smoke"].overrides, "train.eval_every=6", "train.lr=1e-7"])
-    train(raw, tmp_path / "stuck", progress=False)  # 12 steps at lr 1e-7: val loss stays at ln 257
+    train(run_config(raw), tmp_path / "stuck", progress=False)  # 12 steps at lr 1e-7: val loss stays at ln 257
     shard_dir, _ = load_data(RunConfig.from_dict(raw, vocab_size=1).data, False)
     unigram = unigram_loss(shard_dir)
     stuck = measure(RunDir(tmp_path / "stuck"), 0, batches=1, unigram=unigram)
@@ -189,7 +189,8 @@ def test_unknown_claim_id_is_one_line_exit_2(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "normlab: error: claim 'x7' is not implemented (did you mean '7'?); choose from 1, 2, 3, 5, 6, 7, 9, 15, 16, 18, 21 or all"]
+        f"normlab: error: claim 'x7' is not implemented (did you mean '7'?); choose from {', '.join(CLAIMS)} or all"]
+    assert ", 9, 10, 11, 12, 14, 15, 16, 17, 18, 21 or all" in result.stderr
 
 
 def test_unknown_budget_exits_2(tmp_path, capsys):
@@ -199,6 +200,58 @@ def test_unknown_budget_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == ("normlab: error: --budget: unknown value 'tpu' (did you mean 'gpu'?); "
                                        "choose one of smoke, cpu, gpu\n")
     assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_stability_claims_score_a_diverged_run_as_the_unigram_loss():
+    from normlab.reproduce.claims import (
+        HYBRID_DEEP,
+        HYBRID_HIGH_LR,
+        POST_DEEP,
+        POST_HIGH_LR,
+        PRE_HIGH_LR,
+        QK_POST_HIGH_LR,
+    )
+
+    diverged = RunData({"final_val_loss": None, "status": "diverged"}, unigram_loss=3.3)
+    stalled = RunData({"final_val_loss": 3.25, "status": "stalled"}, unigram_loss=3.3)
+    stat = CLAIMS["14"].statistic({PRE_HIGH_LR: run(val_loss=2.0), POST_HIGH_LR: diverged, HYBRID_HIGH_LR: run(val_loss=1.9)})
+    assert stat == {"Post-Norm − Pre-Norm outcome loss": pytest.approx(1.3),
+                    "Post-Norm − HybridNorm outcome loss": pytest.approx(1.4)}
+    assert CLAIMS["11"].statistic({POST_DEEP: stalled, HYBRID_DEEP: run(val_loss=2.05)}) == {
+        "Post-Norm − HybridNorm outcome loss, 24 layers": pytest.approx(1.2)}
+    assert CLAIMS["10"].statistic({QK_POST_HIGH_LR: run(val_loss=1.8), HYBRID_HIGH_LR: run(val_loss=1.9)}) == {
+        "QK-Post − HybridNorm outcome loss": pytest.approx(-0.1)}
+    failed = RunData({"final_val_loss": None, "status": "failed"}, unigram_loss=3.3)
+    assert CLAIMS["10"].statistic({QK_POST_HIGH_LR: failed, HYBRID_HIGH_LR: run()}) == {
+        "QK-Post − HybridNorm outcome loss": None}
+
+
+def test_init_preference_and_bhyt_equivalence_statistics():
+    from normlab.reproduce.claims import HYBRID_NORMAL, PRE_MEGATRON
+
+    stat = CLAIMS["12"].statistic({"pre_norm": run(val_loss=2.0), PRE_MEGATRON: run(val_loss=2.05),
+                                   "hybridnorm": run(val_loss=1.9), HYBRID_NORMAL: run(val_loss=1.85)})
+    assert stat == {"Pre-Norm Megatron − normal val loss": pytest.approx(0.05),
+                    "HybridNorm normal − Megatron val loss": pytest.approx(-0.05)}
+    # Δ = loss(BHyT) − loss(BHyT*) inside ±0.02 in every seed: both margins' CIs above 0
+    by_seed = {seed: {"bhyt": run(val_loss=2.0 + d), "bhyt_star": run(val_loss=2.0)}
+               for seed, d in enumerate((0.004, -0.002, 0.001))}
+    assert evaluate_claim(CLAIMS["17"], by_seed)["verdict"] == REPRODUCED
+    by_seed[1]["bhyt"] = run(val_loss=2.1)  # one seed 0.1 worse: the upper margin's CI reaches below 0
+    assert evaluate_claim(CLAIMS["17"], by_seed)["verdict"] != REPRODUCED
+
+
+def test_stability_claims_train_on_the_budgets_shorter_schedule():
+    from normlab.reproduce.reproduce import BUDGETS, claim_variants
+
+    short = claim_variants(CLAIMS["14"], BUDGETS["cpu"])
+    assert list(short) == ["pre_norm[train.lr=1e-2]", "post_norm[train.lr=1e-2]", "hybridnorm[train.lr=1e-2]"]
+    assert short["post_norm[train.lr=1e-2]"].label == "post_norm[train.lr=1e-2] @short"
+    assert short["post_norm[train.lr=1e-2]"].overrides == ["train.lr=1e-2", *BUDGETS["cpu"].short]
+    assert "train.max_steps=500" in BUDGETS["cpu"].short
+    plain = claim_variants(CLAIMS["12"], BUDGETS["cpu"])
+    assert plain["pre_norm"].label == "pre_norm" and plain["pre_norm"].overrides == []
+    assert claim_variants(CLAIMS["14"], BUDGETS["smoke"])["pre_norm[train.lr=1e-2]"].label == "pre_norm[train.lr=1e-2]"
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +277,12 @@ def test_smoke_budget_end_to_end(smoke):
     assert all(e["n"] == 1 for c in record["claims"] for e in c["effects"].values())  # every effect measured
     assert (out / "reproduce.md").read_text().splitlines()[0] == SMOKE_DISCLAIMER
     assert all((out / "plots" / f"claim-{c}.png").is_file() for c in CLAIMS)
-    # runs shared between claims are trained once: pre_norm serves claims 1, 2, 3, 5, 6, 7, 9, 15 and 21
+    # runs shared between claims are trained once: pre_norm serves claims 1, 2, 3, 5, 6, 7, 9, 12, 15 and 21
     variants = ("pre_norm", "post_norm", "mixln", "mixln_model.mixln_alpha=0.5", "hybridnorm", "hybridnorm_star",
-                "dyt", "dyt_model.embed_scale=false", "bhyt")
+                "dyt", "dyt_model.embed_scale=false", "bhyt", "bhyt_star", "pre_norm_model.init=megatron",
+                "hybridnorm_model.init=normal", "pre_norm_train.lr=1e-2", "post_norm_train.lr=1e-2",
+                "hybridnorm_train.lr=1e-2", "hybridnorm_model.qk_norm=qk_train.lr=1e-2",
+                "post_norm_model.n_layers=24", "hybridnorm_model.n_layers=24")
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{v}-s0" for v in variants)
     # re-running trains nothing
     assert second.returncode == 0

@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "once each and resumably, diagnose their last checkpoints and write reproduce.html, "
         "reproduce.md and claims.json into --out: a verdict per claim with the effect's 95% CI "
         "over seeds beside the paper's number. Budgets: smoke (machinery only, ~1 min), cpu "
-        "(~1.5 h on 2 idle cores with --jobs 2), gpu.")
+        "(~2¼ h on 2 idle cores with --jobs 2), gpu.")
     p.add_argument("claims", metavar="CLAIM,...|all", help="claim ids, e.g. 1,15, or all")
     p.add_argument("--budget", default="smoke", help="smoke, cpu or gpu (default: %(default)s)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the budget's)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare import plots
-from normlab.compare.stats import mean_std, paired_difference
+from normlab.compare.stats import deep_minus_shallow, log_growth, mean_std, paired_difference
 from normlab.eval import default_results_path
 from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
@@ -117,6 +117,25 @@ def _downstream(run: RunDir, evaluation: dict[str, Any]) -> dict[str, dict[str, 
             for name, t in tasks.items()}
 
 
+def depth_profile(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Two depth effects from a run's ``layers.jsonl`` (METHODS.md §6 claims 1 and 3):
+    ``residual_growth`` = ln(RMS_L / RMS_1), the residual stream leaving the last block over
+    leaving the first, at the last record; ``grad_tilt`` = deep-half minus shallow-half mean of
+    ln ‖∂L/∂θ_l‖ at the first record (step 1: at init; > 0 = early layers get smaller
+    gradients, as the papers find for Post-Norm; < 0 as for Pre-Norm). None when not recorded
+    or the model has fewer than 2 layers."""
+    out: dict[str, float | None] = {"residual_growth": None, "grad_tilt": None}
+    if not records or len(records[0]["grad_norm"]["total"]) < 2:
+        return out
+    rms = records[-1]["residual_rms"]
+    if rms[1] > 0 and all(math.isfinite(v) for v in rms):
+        out["residual_growth"] = log_growth(rms)
+    grads = records[0]["grad_norm"]["total"]
+    if all(g > 0 and math.isfinite(g) for g in grads):
+        out["grad_tilt"] = deep_minus_shallow([math.log(g) for g in grads])
+    return out
+
+
 def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """All numbers of the report, from ``spec`` (what compare ran) and the run directories."""
     baseline = spec["baseline"]
@@ -139,6 +158,7 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
             "stalled": sum(r["status"] == "stalled" for r in runs),
             "failed": sum(r["status"] not in (*COMPLETED, "diverged") for r in runs),
             "n_runs": len(runs),
+            **_depth_entry([RunDir(out / "runs" / name) for name in variant["runs"]]),
         }
     base = entries[baseline]
     for label, entry in entries.items():
@@ -167,6 +187,17 @@ def summarize(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
         "ranking": ranking,
         "headline": headline(entries, ranking, baseline),
     }
+
+
+def _depth_entry(runs: list[RunDir]) -> dict[str, Any]:
+    """``depth_profile`` over seeds: mean ± std of residual growth and gradient tilt, and the
+    step of the first record the tilt comes from."""
+    recorded = [records for records in (run.read_layer_stats() for run in runs) if records]
+    profiles = [depth_profile(records) for records in recorded]
+    entry = {key: mean_std([p[key] for p in profiles if p[key] is not None])
+             for key in ("residual_growth", "grad_tilt")}
+    entry["grad_tilt_step"] = min(records[0]["step"] for records in recorded) if recorded else None
+    return entry
 
 
 def downstream_summary(runs: list[dict], base_runs: list[dict], tasks: list[str],
@@ -317,6 +348,42 @@ def _delta_cell(delta: dict[str, Any] | None, higher_is_better: bool) -> tuple[s
     return f"{delta['mean']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]", css
 
 
+def depth_header(summary: dict[str, Any]) -> list[str]:
+    steps = {e["grad_tilt_step"] for e in summary["strategies"].values()} - {None}
+    at = f"step {min(steps)}" if steps else "first record"
+    return ["strategy", "residual growth RMS_L / RMS_1", "ln growth",
+            f"gradient tilt at {at} (deep − shallow mean ln ‖∂L/∂θ_l‖)"]
+
+
+def depth_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for label, e in summary["strategies"].items():
+        growth = e["residual_growth"]
+        factor = "—" if growth["mean"] is None else f"×{math.exp(growth['mean']):.2f}"
+        rows.append([label, factor, _pm(growth, 3), _pm(e["grad_tilt"], 3)])
+    return rows
+
+
+def depth_note(summary: dict[str, Any]) -> str | None:
+    """What the depth table shows, in words, with the Pre-/Post-Norm contrast the papers draw
+    when both were compared; None when nothing was recorded."""
+    entries = summary["strategies"]
+    if all(e["residual_growth"]["mean"] is None and e["grad_tilt"]["mean"] is None for e in entries.values()):
+        return None
+    note = ("Depth effects the papers describe (METHODS.md §6): the residual stream grows with depth "
+            "under Pre-Norm and stays flat under Post-Norm (claim 1); Pre-Norm's early layers get "
+            "larger gradients than its deep ones (tilt < 0) and Post-Norm's smaller (tilt > 0; claim 3). "
+            "Mean ± std over seeds, from the layer records of training.")
+    pre, post = (entries.get(name) for name in ("pre_norm", "post_norm"))
+    if pre and post and None not in (pre["residual_growth"]["mean"], post["residual_growth"]["mean"],
+                                     pre["grad_tilt"]["mean"], post["grad_tilt"]["mean"]):
+        layers = summary["setup"]["n_layers"]
+        note += (f" Here, over {layers} layers: Pre-Norm's stream grows ×{math.exp(pre['residual_growth']['mean']):.2f} "
+                 f"from the first block's output to the last, Post-Norm's ×{math.exp(post['residual_growth']['mean']):.2f}; "
+                 f"gradient tilt {pre['grad_tilt']['mean']:+.2f} (Pre-Norm) and {post['grad_tilt']['mean']:+.2f} (Post-Norm).")
+    return note
+
+
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     order = summary["ranking"] + [s for s in summary["strategies"] if s not in summary["ranking"]]
     rows = []
@@ -415,6 +482,11 @@ def render_markdown(summary: dict[str, Any], figures: dict[str, Path], out: Path
     lines += ["", "## Results", "", "| " + " | ".join(TABLE_HEADER) + " |",
               "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    if depth_note(summary):
+        header = depth_header(summary)
+        lines += ["", "## Depth", "", depth_note(summary), "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in depth_rows(summary)]
     if summary.get("eval"):
         header = downstream_header(summary)
         lines += ["", "## Downstream", "", _eval_line(summary), "", "| " + " | ".join(header) + " |",
@@ -463,6 +535,11 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path]) -> str:
         parts.append(f"<tr class='{'best' if i == 0 and clean_best else ''}'>"
                      + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     parts.append("</table></div>")
+    if depth_note(summary):
+        parts.append(f"<h2>Depth</h2><p class=muted>{esc(depth_note(summary))}</p><div class=scroll><table><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in depth_header(summary)) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+                               for row in depth_rows(summary)) + "</table></div>")
     if _unusual_runs(summary):
         parts.append("<h2>Runs that did not finish normally</h2><ul>"
                      + "".join(f"<li>{esc(line)}</li>" for line in _unusual_runs(summary)) + "</ul>")

@@ -32,3 +32,23 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         "mean": mean, "n": n, "confidence": confidence, "half_width": half,
         "low": None if half is None else mean - half, "high": None if half is None else mean + half,
     }
+
+
+# ---------------------------------------------------------------- depth profiles
+def log_growth(rms: list[float]) -> float:
+    """ln(RMS_L / RMS_1): growth of the residual stream from the first block's output to the
+    last block's. RMS_0, the embedding output, is left out: its scale is set by the embedding
+    init (and DyT's √d scalar), not by depth."""
+    return math.log(rms[-1] / rms[1])
+
+
+def half_means(values: list[float]) -> tuple[float, float]:
+    """Mean over the shallower ⌊L/2⌋ layers and mean over the deeper ⌊L/2⌋."""
+    half = len(values) // 2
+    return sum(values[:half]) / half, sum(values[-half:]) / half
+
+
+def deep_minus_shallow(values: list[float]) -> float:
+    """Mean over the deeper half of the layers minus mean over the shallower half."""
+    shallow, deep = half_means(values)
+    return deep - shallow

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from normlab.compare.stats import paired_difference
+from normlab.compare.stats import deep_minus_shallow, half_means, log_growth, paired_difference
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
@@ -23,12 +23,14 @@ class RunData:
     ``status`` is finished, stalled (finished at the unigram loss: a claim about stalls counts
     it), diverged, ...; its losses are None unless the run trained to the end), ``layers``
     (``layers.jsonl`` records) and ``diagnostics`` (``diagnose`` on the last checkpoint; None
-    unless the run finished or stalled), ``metrics`` (``metrics.jsonl``)."""
+    unless the run finished or stalled), ``metrics`` (``metrics.jsonl``) and the corpus's
+    ``unigram_loss``."""
 
     summary: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: dict[str, Any] | None = None
+    unigram_loss: float | None = None  # of the corpus: what a run that learned nothing scores
 
 
 Runs = dict[str, RunData]  # variant label -> the run of one seed
@@ -46,6 +48,7 @@ class Claim:
     profile: Callable[[RunData], list[float]]  # the curve the claim's plot shows per variant
     profile_label: str
     profile_axis: str = "layer"
+    short_schedule: bool = False  # its runs use the budget's shorter schedule (stability claims)
 
 
 # ---------------------------------------------------------------- per-layer profiles
@@ -87,25 +90,6 @@ def validation_curve(run: RunData) -> list[float]:
 
 
 # ---------------------------------------------------------------- statistics
-def log_growth(rms: list[float]) -> float:
-    """ln(RMS_L / RMS_1): growth of the residual stream from the first block's output to the
-    last block's. RMS_0, the embedding output, is left out: its scale is set by the embedding
-    init (and DyT's √d scalar), not by depth."""
-    return math.log(rms[-1] / rms[1])
-
-
-def half_means(values: list[float]) -> tuple[float, float]:
-    """Mean over the shallower ⌊L/2⌋ layers and mean over the deeper ⌊L/2⌋."""
-    half = len(values) // 2
-    return sum(values[:half]) / half, sum(values[-half:]) / half
-
-
-def deep_minus_shallow(values: list[float]) -> float:
-    """Mean over the deeper half of the layers minus mean over the shallower half."""
-    shallow, deep = half_means(values)
-    return deep - shallow
-
-
 def _measured(runs: Runs, *labels: str) -> bool:
     return all(label in runs and runs[label].diagnostics is not None for label in labels)
 
@@ -213,6 +197,67 @@ def dyt_needs_embedding_scalar(runs: Runs) -> dict[str, float | None]:
     return {"DyT without − with √d scalar val loss": loss_gap(runs, DYT_NO_SCALAR, "dyt")}
 
 
+def outcome_loss(run: RunData) -> float | None:
+    """The stability claims' score: the final validation loss of a run that trained to the end
+    (a stalled one sits near the unigram loss anyway), the corpus's unigram loss H for a
+    diverged one (it learned nothing usable). None for a run that failed otherwise."""
+    if run.summary["status"] == "diverged":
+        return run.unigram_loss
+    return run.summary["final_val_loss"]
+
+
+def outcome_gap(runs: Runs, worse: str, better: str) -> float | None:
+    """outcome_loss of ``worse`` minus ``better`` (> 0: ``worse`` did worse, diverging counts)."""
+    scores = [outcome_loss(runs[label]) if label in runs else None for label in (worse, better)]
+    return None if None in scores else scores[0] - scores[1]
+
+
+HIGH_LR = "1e-2"  # ~3x the cpu budget's 3e-3 and 10x the gpu budget's 1e-3
+PRE_HIGH_LR, POST_HIGH_LR, HYBRID_HIGH_LR = (f"{name}[train.lr={HIGH_LR}]" for name in ("pre_norm", "post_norm", "hybridnorm"))
+QK_POST_HIGH_LR = f"hybridnorm[model.qk_norm=qk train.lr={HIGH_LR}]"  # QK-norm, no V-norm, Post-Norm FFN
+POST_DEEP, HYBRID_DEEP = (f"{name}[model.n_layers=24]" for name in ("post_norm", "hybridnorm"))
+
+
+def post_norm_unstable_at_high_lr(runs: Runs) -> dict[str, float | None]:
+    """At lr 1e-2: Post-Norm's outcome loss minus Pre-Norm's and minus HybridNorm's (> 0:
+    Post-Norm ends worse; a diverged run scores the unigram loss)."""
+    return {"Post-Norm − Pre-Norm outcome loss": outcome_gap(runs, POST_HIGH_LR, PRE_HIGH_LR),
+            "Post-Norm − HybridNorm outcome loss": outcome_gap(runs, POST_HIGH_LR, HYBRID_HIGH_LR)}
+
+
+def post_norm_unstable_when_deep(runs: Runs) -> dict[str, float | None]:
+    """At 24 layers: Post-Norm's outcome loss minus HybridNorm's (> 0: Post-Norm ends worse)."""
+    return {"Post-Norm − HybridNorm outcome loss, 24 layers": outcome_gap(runs, POST_DEEP, HYBRID_DEEP)}
+
+
+def qkv_norm_more_stable_than_qk_post(runs: Runs) -> dict[str, float | None]:
+    """At lr 1e-2: QK-Post (QK-norm without V-norm, Post-Norm FFN) minus HybridNorm (QKV-norm)
+    outcome loss (> 0: dropping the V-norm hurts)."""
+    return {"QK-Post − HybridNorm outcome loss": outcome_gap(runs, QK_POST_HIGH_LR, HYBRID_HIGH_LR)}
+
+
+PRE_MEGATRON, HYBRID_NORMAL = "pre_norm[model.init=megatron]", "hybridnorm[model.init=normal]"
+
+
+def init_preference(runs: Runs) -> dict[str, float | None]:
+    """Each strategy with the other's init minus with its paper's own (> 0 both: Pre-Norm
+    prefers normal, HybridNorm Megatron)."""
+    return {"Pre-Norm Megatron − normal val loss": loss_gap(runs, PRE_MEGATRON, "pre_norm"),
+            "HybridNorm normal − Megatron val loss": loss_gap(runs, HYBRID_NORMAL, "hybridnorm")}
+
+
+#: |loss(BHyT) − loss(BHyT*)| below this counts as "about the same" (claim 17), nats/token
+EQUIVALENCE_MARGIN = 0.02
+
+
+def bhyt_matches_exact(runs: Runs) -> dict[str, float | None]:
+    """Equivalence of BHyT and BHyT* within ±m (m = 0.02 nats), as two one-sided effects:
+    m − Δ and m + Δ with Δ = loss(BHyT) − loss(BHyT*); both CIs above 0 ⇔ Δ's CI inside ±m."""
+    gap = loss_gap(runs, "bhyt", "bhyt_star")
+    return {"0.02 − (BHyT − BHyT*) val loss": None if gap is None else EQUIVALENCE_MARGIN - gap,
+            "0.02 + (BHyT − BHyT*) val loss": None if gap is None else EQUIVALENCE_MARGIN + gap}
+
+
 #: the paper's correlation between BHyT's approximated and exact FFN-site statistic
 PAPER_BHYT_PEARSON = 0.99
 #: BHyT's bound on the tanh saturation rate, 1/κ² with κ = 10
@@ -276,6 +321,30 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "550M: loss Pre-Norm 2.751, HybridNorm 2.737, HybridNorm* 2.731",
           "pre_norm,hybridnorm,hybridnorm_star", hybridnorm_loss_gain, "val loss difference (nats/token)",
           validation_curve, "val loss", "evaluation"),
+    Claim("10", "HybridNorm Table 6 (QK-Post)",
+          "QKV-norm is more stable than QK-norm without V-norm plus a Post-Norm FFN (QK-Post), which diverged.",
+          "550M: QK-Post diverged; HybridNorm (QKV-Post) loss 2.737",
+          f"{QK_POST_HIGH_LR},{HYBRID_HIGH_LR}", qkv_norm_more_stable_than_qk_post,
+          "outcome-loss difference at lr 1e-2 (nats/token; diverged = unigram loss)",
+          validation_curve, "val loss", "evaluation", short_schedule=True),
+    Claim("11", "HybridNorm Table 7",
+          "HybridNorm trains stably at a depth where Post-Norm becomes unstable.",
+          "543M, 29 layers: Post-Norm diverged, HybridNorm loss 2.72",
+          f"{POST_DEEP},{HYBRID_DEEP}", post_norm_unstable_when_deep,
+          "outcome-loss difference at 24 layers (nats/token; diverged = unigram loss)",
+          validation_curve, "val loss", "evaluation", short_schedule=True),
+    Claim("12", "HybridNorm Table 5",
+          "Init preference: HybridNorm does best with Megatron init, Pre-Norm with plain normal init.",
+          "550M loss: Pre-Norm normal 2.75 / Megatron 2.76; HybridNorm normal 2.76 / Megatron 2.74",
+          f"pre_norm,{PRE_MEGATRON},hybridnorm,{HYBRID_NORMAL}", init_preference,
+          "val loss difference, other init minus own (nats/token)",
+          validation_curve, "val loss", "evaluation"),
+    Claim("14", "HybridNorm Table 7; Mix-LN (LR 1e-3, ≥ 250M)",
+          "At high LR Post-Norm diverges or ends worse while Pre-Norm and HybridNorm train.",
+          "Post-Norm diverged at LR 1e-3 (Mix-LN, ≥ 250M); counts of divergent runs (HybridNorm)",
+          f"{PRE_HIGH_LR},{POST_HIGH_LR},{HYBRID_HIGH_LR}", post_norm_unstable_at_high_lr,
+          "outcome-loss difference at lr 1e-2 (nats/token; diverged = unigram loss)",
+          validation_curve, "val loss", "evaluation", short_schedule=True),
     Claim("15", "BHyT Fig. 3",
           "BHyT's residual-stream magnitude grows far less with depth than under Pre-Norm (RMSNorm) or DyT.",
           "Llama-1B last layer mean |x|: RMSNorm ≈ 700, DyT ≈ 320–390, BHyT ≈ 140",
@@ -286,6 +355,12 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "Pearson r > 0.99",
           "bhyt", bhyt_statistic_tracks_exact, "min over blocks of Pearson r, minus 0.99",
           bhyt_pearson, "Pearson r(ŝ², ms(Y))"),
+    Claim("17", "BHyT (approximation ablation)",
+          "BHyT with the approximated FFN-site statistic matches BHyT* (exact) in loss.",
+          "the approximation costs about nothing (loss within noise)",
+          "bhyt,bhyt_star", bhyt_matches_exact,
+          "equivalence margins: 0.02 ∓ (BHyT − BHyT*) val loss (nats/token)",
+          validation_curve, "val loss", "evaluation"),
     Claim("18", "BHyT §3 (bound 1/κ²)",
           "BHyT keeps the tanh saturation rate (|arg| > 2) below ~1%; DyT's grows with depth.",
           "BHyT saturation ≤ 1/κ² = 1% (κ = 10)",

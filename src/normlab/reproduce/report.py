@@ -75,6 +75,7 @@ def write_report(out: Path, budget, seeds: list[int], results: list[dict[str, An
     figures = {r["claim"].id: plots.save(claim_figure(r), out / "plots" / f"claim-{r['claim'].id}.png")
                for r in results}
     record = {"budget": budget.name, "budget_note": budget.note, "overrides": list(budget.overrides),
+              "short_schedule": list(budget.short),
               "seeds": seeds, "smoke": budget.name == "smoke", "unigram_loss": unigram_loss,
               "claims": [claim_record(r) for r in results]}
     atomic_write_text(out / "claims.json", json.dumps(record, indent=1) + "\n")
@@ -86,7 +87,8 @@ def write_report(out: Path, budget, seeds: list[int], results: list[dict[str, An
 def claim_record(result: dict[str, Any]) -> dict[str, Any]:
     claim = result["claim"]
     return {"id": claim.id, "paper": claim.paper, "statement": claim.statement, "paper_number": claim.paper_number,
-            "variants": claim.variants, "effect": claim.effect, "verdict": result["verdict"],
+            "variants": claim.variants, "short_schedule": claim.short_schedule, "effect": claim.effect,
+            "verdict": result["verdict"],
             "effects": result["effects"], "statistic": (claim.statistic.__doc__ or "").strip(),
             "runs": {str(seed): {label: runs[label].summary["status"] for label in sorted(runs)}
                      for seed, runs in result["by_seed"].items()}}
@@ -97,6 +99,13 @@ def run_statuses(claim: dict[str, Any]) -> str:
     odd = [f"{label} seed {seed}: {status}" for seed, runs in claim["runs"].items()
            for label, status in runs.items() if status != "finished"]
     return "; ".join(odd) if odd else "all finished"
+
+
+def _schedule(record: dict[str, Any], claim: dict[str, Any]) -> str:
+    """', on the shorter schedule (...)' for a stability claim's runs when the budget has one."""
+    if claim["short_schedule"] and record["short_schedule"]:
+        return f", on the shorter schedule ({' '.join(record['short_schedule'])})"
+    return ""
 
 
 def _intro(record: dict[str, Any]) -> list[str]:
@@ -122,7 +131,8 @@ def render_markdown(record: dict[str, Any], out: Path, figures: dict[str, Path])
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     for c in record["claims"]:
         lines += ["", f"## Claim {c['id']}: {c['verdict']}", "", c["statement"], "",
-                  f"- Paper ({c['paper']}): {c['paper_number']}", f"- Runs: {c['variants']} ({run_statuses(c)})",
+                  f"- Paper ({c['paper']}): {c['paper_number']}",
+                  f"- Runs: {c['variants']}{_schedule(record, c)} ({run_statuses(c)})",
                   f"- Statistic: {c['statistic']}", f"- Effect unit: {c['effect']}"]
         lines += [f"- {name}: {effect_text(e)} → {e['verdict']}" for name, e in c["effects"].items()]
         lines += ["", f"![claim {c['id']}]({figures[c['id']].relative_to(out)})"]
@@ -150,7 +160,7 @@ def render_html(record: dict[str, Any], figures: dict[str, Path]) -> str:
         parts += [f"<h2>Claim {esc(c['id'])}: <span class='{VERDICT_CSS[c['verdict']]}'>{esc(c['verdict'])}</span></h2>",
                   f"<p>{esc(c['statement'])}</p><ul>",
                   f"<li>Paper ({esc(c['paper'])}): {esc(c['paper_number'])}</li>",
-                  f"<li>Runs: {esc(c['variants'])} ({esc(run_statuses(c))})</li>"
+                  f"<li>Runs: {esc(c['variants'] + _schedule(record, c))} ({esc(run_statuses(c))})</li>"
                   f"<li>Statistic: {esc(c['statistic'])}</li>",
                   *[f"<li>{esc(name)}: {esc(effect_text(e))} → {esc(e['verdict'])}</li>"
                     for name, e in c["effects"].items()],

@@ -30,6 +30,7 @@ class Budget:
     seeds: tuple[int, ...]
     diagnose_batches: int
     note: str
+    short: tuple[str, ...] = ()  # the shorter schedule of the stability claims' runs (high LR, deeper)
 
 
 _SCHEDULE = ("train.log_every=10", "train.eval_batches=8", "train.keep_last=1", "train.min_lr_ratio=0.1",
@@ -44,12 +45,17 @@ BUDGETS: dict[str, Budget] = {b.name: b for b in (
                    "model.max_seq_len=128", "train.batch_size=16", "train.seq_len=128", "train.max_steps=1500",
                    "train.warmup_steps=150", "train.lr=3e-3", "train.eval_every=150", "train.save_every=750",
                    "train.record_every=150", *_SCHEDULE),
-           (0, 1, 2), 4, "d_model 64, 12 layers, 1500 steps × 2,048 tokens (~1.5 h on 2 idle cores with --jobs 2)"),
+           (0, 1, 2), 4, "d_model 64, 12 layers, 1500 steps × 2,048 tokens (stability claims: 500 steps); "
+           "~2¼ h on 2 idle cores with --jobs 2",
+           ("train.max_steps=500", "train.warmup_steps=50", "train.eval_every=100", "train.save_every=500",
+            "train.record_every=100")),
     Budget("gpu", ("model.d_model=256", "model.n_layers=24", "model.n_heads=4", "model.n_kv_heads=4",
                    "model.max_seq_len=256", "train.batch_size=32", "train.seq_len=256", "train.max_steps=10000",
                    "train.warmup_steps=500", "train.lr=1e-3", "train.eval_every=1000", "train.save_every=2000",
                    "train.record_every=500", *_SCHEDULE),
-           (0, 1, 2, 3, 4), 16, "d_model 256, 24 layers, 10,000 steps × 8,192 tokens"),
+           (0, 1, 2, 3, 4), 16, "d_model 256, 24 layers, 10,000 steps × 8,192 tokens (stability claims: 3,000)",
+           ("train.max_steps=3000", "train.warmup_steps=300", "train.eval_every=500", "train.save_every=1500",
+            "train.record_every=300")),
 )}
 
 
@@ -68,9 +74,14 @@ def select_claims(text: str) -> list[Claim]:
     return chosen
 
 
-def claim_variants(claims: list[Claim]) -> dict[str, Variant]:
-    """Every variant the claims name, once (runs shared between claims are trained once)."""
-    return {v.label: v for claim in claims for v in parse_variants(claim.variants)}
+def claim_variants(claim: Claim, budget: Budget) -> dict[str, Variant]:
+    """The claim's variant labels -> the variants to train: as written, or with the budget's
+    shorter schedule (and " @short" in the label and run names) for a stability claim."""
+    variants = {v.label: v for v in parse_variants(claim.variants)}
+    if not (claim.short_schedule and budget.short):
+        return variants
+    return {label: Variant(f"{label} @short", v.strategy, [*v.overrides, *budget.short])
+            for label, v in variants.items()}
 
 
 def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[int] | None = None,
@@ -85,9 +96,10 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     if len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds: give distinct integers, e.g. 0,1,2")
     raw = RunConfig.load(None, list(budget.overrides))
+    trained = {v.label: v for claim in claims for v in claim_variants(claim, budget).values()}  # shared runs once
     runs, shard_dir = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
                                        [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
-                                      for v in claim_variants(claims).values() for seed in seeds], progress)
+                                      for v in trained.values() for seed in seeds], progress)
     run_sweep(runs, out, progress, jobs)
     unigram = unigram_loss(shard_dir)
     data = {(run.labels["variant"], run.labels["seed"]): measure(run_dir(out, run), run.labels["seed"],
@@ -95,8 +107,8 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
             for run in runs}
     results = []
     for claim in claims:
-        labels = [v.label for v in parse_variants(claim.variants)]
-        by_seed = {seed: {label: data[label, seed] for label in labels} for seed in seeds}
+        variants = claim_variants(claim, budget)
+        by_seed = {seed: {label: data[v.label, seed] for label, v in variants.items()} for seed in seeds}
         results.append({"claim": claim, "by_seed": by_seed, **evaluate_claim(claim, by_seed)})
     return write_report(out, budget, seeds, results, unigram)
 
@@ -107,11 +119,11 @@ def measure(run: RunDir, seed: int, batches: int, unigram: float | None = None) 
     RUN/diagnose/diagnostics.json, for its newest checkpoint). A diverged run is data too."""
     summary = run_summary(run, seed, unigram_loss=unigram)
     if summary["status"] not in COMPLETED:
-        return RunData(summary, run.read_metrics(), run.read_layer_stats())
+        return RunData(summary, run.read_metrics(), run.read_layer_stats(), unigram_loss=unigram)
     step = list_checkpoints(run.checkpoints)[-1].step
     saved = run.path / "diagnose" / "diagnostics.json"
     diagnostics: dict[str, Any] | None = json.loads(saved.read_text()) if saved.is_file() else None
     if diagnostics is None or diagnostics["step"] != step:
         diagnostics = diagnose(run.path, run.path / "diagnose", step=step, batches=batches, progress=False)
-    return RunData(summary, run.read_metrics(), run.read_layer_stats(), diagnostics)
+    return RunData(summary, run.read_metrics(), run.read_layer_stats(), diagnostics, unigram)
 
