@@ -36,8 +36,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
+BENCH_OUT ?= bench
+
+# Speed ratios side by side (about N minutes on 2 cores); the table and bench.json go to BENCH_OUT.
 bench: $(STAMP)
-	$(BIN)/normlab bench
+	$(BIN)/normlab bench --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -130,6 +130,8 @@ def test_bench_writes_json_and_markdown(tmp_path, capsys):
     assert "train step bhyt / bhyt_star (one statistic per block vs two)" in figures
     assert {f["name"] for f in saved["figures"] if f["section"] == "memory"} == {
         f"peak memory of a train step, {n}" for n in ("bhyt", "bhyt_star")}
+    memory = figures["peak memory of a train step, bhyt"]
+    assert memory["value"] == pytest.approx(memory["parts"]["resident"] + memory["parts"]["step_peak"])
     norms = [f["name"] for f in saved["figures"] if f["section"] == "norms"]
     assert norms == ["rmsnorm, eager, 64x32", "layernorm, eager, 64x32", "dyt, eager, 64x32",
                      "bhyt_star, eager, 64x32", "bhyt (attention site), eager, 64x32", "bhyt (FFN site), eager, 64x32"]
@@ -137,6 +139,7 @@ def test_bench_writes_json_and_markdown(tmp_path, capsys):
     if pytest.importorskip("transformers"):
         shares = [f for f in saved["figures"] if f["unit"] == "share"]
         assert len(shares) == 2 and all(0 <= f["value"] <= 1 for f in shares)
+        assert all(f["parts"]["matmul"] + f["parts"]["attention"] + f["value"] == pytest.approx(1) for f in shares)
         assert figures["train step normlab / LlamaForCausalLM, config tiny"]["config"]["ffn_hidden"] == 64
     table = (tmp_path / "out" / "bench.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| section")]

@@ -101,8 +101,8 @@ RATIO, FRACTION, SHARE, MEGABYTES = "ratio", "fraction of copy", "share", "MB"
 @dataclass
 class Figure:
     """One number of the bench: ``value`` in ``unit``, its interquartile range over the rounds
-    (None for a single measurement), the candidates' median seconds and the sizes it was
-    measured at."""
+    (None for a single measurement), the candidates' median seconds, the sizes it was measured
+    at, and the parts a share or a memory figure is made of."""
 
     section: str
     name: str
@@ -112,6 +112,7 @@ class Figure:
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    parts: dict[str, float] = field(default_factory=dict)
 
     def value_text(self) -> str:
         return _number(self.value, self.unit)
@@ -279,7 +280,8 @@ def _share_figure(side: str, label: str, sizes: Sizes, step: Callable[[], Any]) 
     return Figure("transformers", f"{side} train step outside matmul and attention, config {label}",
                   shares["other"], SHARE, config=asdict(sizes),
                   note=f"matmul {shares['matmul']:.0%}, attention {shares['attention']:.0%}; operators "
-                  f"cover {seen:.0%} of the profiled step's wall time")
+                  f"cover {seen:.0%} of the profiled step's wall time",
+                  parts={**shares, "operator_coverage": seen})
 
 
 # ------------------------------------------------------------------ peak memory
@@ -490,7 +492,8 @@ def bench_memory(sizes: Sizes, device: torch.device, names: list[str]) -> list[F
         figures.append(Figure("memory", f"peak memory of a train step, {name}",
                               (memory["resident"] + memory["step_peak"]) / 1e6, MEGABYTES, config=asdict(sizes),
                               note=f"parameters + optimizer state {memory['resident'] / 1e6:.1f} MB, "
-                              f"step peak above them {memory['step_peak'] / 1e6:.1f} MB"))
+                              f"step peak above them {memory['step_peak'] / 1e6:.1f} MB",
+                              parts={kind: nbytes / 1e6 for kind, nbytes in memory.items()}))
     return figures
 
 
