@@ -54,17 +54,21 @@ def test_rounds_alternate_and_ratio_spread():
     assert result["iqr"] == pytest.approx([3.0, 6.0])  # inclusive quartiles of the per-round ratios 2, 3, 4, 6, 10
     two_rounds = Timings({"a": [1.0, 3.0], "b": [1.0, 1.0]}).ratio("a", "b")
     assert two_rounds["iqr"] == pytest.approx([1.5, 2.5])  # never outside the observed ratios
+    # the machine slowed down 10x in round 2 for both: paired per round, the ratio is 1, not 3
+    drifting = Timings({"a": [1.0, 10.0, 3.0], "b": [1.0, 10.0, 1.0]})
+    assert drifting.ratio("a", "b") == {"ratio": 1.0, "iqr": [1.0, 2.0]}
+    figure = drifting.figure("s", "a / b", "a", "b", {})
+    assert figure.value == 1.0 and figure.seconds == {"a": 3.0, "b": 1.0}
+    assert figure.rounds == {"a": [1.0, 10.0, 3.0], "b": [1.0, 10.0, 1.0]}
 
 
 def test_copy_fraction_arithmetic():
-    # per round the norm takes 2.5, 10 and 5 copies' time: median ratio 5, fraction 2.5 / 5
-    timings = Timings({"copy": [1.0, 1.0, 1.0], "norm": [2.5, 10.0, 5.0]})
-    assert timings.ratio("norm", "copy")["ratio"] == 5.0
+    # per round the norm takes 2.5, 10 and 5 copies' time: fractions 2.5 x copy / norm = 1, 0.25, 0.5
+    timings = Timings({"copy": [1.0, 2.0, 1.0], "norm": [2.5, 20.0, 5.0]})
     result = copy_fraction(timings, "norm")
     assert COPY_PASSES == 2.5
     assert result["fraction"] == pytest.approx(0.5)
-    # per-round ratios 2.5, 5, 10 -> quartiles 3.75, 7.5 -> fractions 2.5/7.5, 2.5/3.75
-    assert result["iqr"] == pytest.approx([1 / 3, 2 / 3])
+    assert result["iqr"] == pytest.approx([0.375, 0.75])  # inclusive quartiles of 0.25, 0.5, 1
     at_copy_speed = copy_fraction(Timings({"copy": [2.0], "norm": [5.0]}), "norm")
     assert at_copy_speed == {"fraction": 1.0, "iqr": [1.0, 1.0]}  # 5 passes in 2.5 copies' time
 

@@ -3,9 +3,10 @@
 Absolute times on shared machines are noisy, so every benchmark calls each candidate once to
 warm up and then times them in interleaved rounds, the order reversed every other round
 (A, B, C, C, B, A, ...: whichever runs first tends to measure slower). A figure is the median
-time of a candidate divided by the reference's median, with the interquartile range of the
-per-round ratios as its spread. ``--out DIR`` writes every figure, with the machine it was
-measured on, to DIR/bench.json and DIR/bench.md.
+over rounds of the candidate's time divided by the reference's in the same round (a drift of
+the machine's speed between rounds cancels), with the interquartile range of those per-round
+ratios as its spread. ``--out DIR`` writes every figure, with the machine it was measured on,
+to DIR/bench.json and DIR/bench.md.
 
 Sections (``SECTIONS``, run in this order):
 
@@ -102,7 +103,7 @@ RATIO, FRACTION, SHARE, MEGABYTES = "ratio", "fraction of copy", "share", "MB"
 class Figure:
     """One number of the bench: ``value`` in ``unit``, its interquartile range over the rounds
     (None for a single measurement), the candidates' median seconds, the sizes it was measured
-    at, and the parts a share or a memory figure is made of."""
+    at, the parts a share or a memory figure is made of, and the candidates' seconds per round."""
 
     section: str
     name: str
@@ -113,6 +114,7 @@ class Figure:
     config: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     parts: dict[str, float] = field(default_factory=dict)
+    rounds: dict[str, list[float]] = field(default_factory=dict)
 
     def value_text(self) -> str:
         return _number(self.value, self.unit)
@@ -142,21 +144,30 @@ class Timings(dict):
         super().__init__({name: statistics.median(times) for name, times in samples.items()})
         self.samples = samples
 
+    def per_round(self, name: str, reference: str) -> list[float]:
+        """time(name) / time(reference) within each round (the two measured close together)."""
+        return [a / b for a, b in zip(self.samples[name], self.samples[reference], strict=True)]
+
     def ratio(self, name: str, reference: str) -> dict[str, Any]:
-        """median(name) / median(reference), and the interquartile range of the ratios of the
-        two within each round."""
-        per_round = sorted(a / b for a, b in zip(self.samples[name], self.samples[reference], strict=True))
-        # inclusive: quartiles within the observed ratios (the exclusive method extrapolates
-        # beyond them, below 0 with two rounds)
-        quartiles = statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1 else per_round * 3
-        return {"ratio": self[name] / self[reference], "iqr": [quartiles[0], quartiles[-1]]}
+        """The median and interquartile range of the per-round ratios name / reference."""
+        return _median_and_iqr(self.per_round(name, reference), "ratio")
 
     def figure(self, section: str, name: str, candidate: str, reference: str, config: dict[str, Any],
                note: str = "") -> Figure:
-        """The figure median(candidate) / median(reference)."""
+        """The figure candidate / reference (``ratio``), with both candidates' median seconds and
+        per-round seconds."""
         ratio = self.ratio(candidate, reference)
         return Figure(section, name, ratio["ratio"], RATIO, ratio["iqr"],
-                      {candidate: self[candidate], reference: self[reference]}, config, note)
+                      {candidate: self[candidate], reference: self[reference]}, config, note,
+                      rounds={candidate: self.samples[candidate], reference: self.samples[reference]})
+
+
+def _median_and_iqr(values: list[float], key: str) -> dict[str, Any]:
+    """{key: median, 'iqr': [first quartile, third quartile]}; inclusive quartiles, which stay
+    within the observed values (the exclusive method extrapolates, below 0 with two rounds)."""
+    values = sorted(values)
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {key: statistics.median(values), "iqr": [quartiles[0], quartiles[-1]]}
 
 
 def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, number: int,
@@ -498,12 +509,10 @@ def bench_memory(sizes: Sizes, device: torch.device, names: list[str]) -> list[F
 
 
 def copy_fraction(timings: Timings, norm: str, copy: str = "copy") -> dict[str, Any]:
-    """A norm's forward+backward as a fraction of copy bandwidth:
-    COPY_PASSES x copy time / (forward+backward time), 1 = as fast as 5 passes over the tensor
-    at the speed of ``dst.copy_(src)``; with the per-round interquartile range."""
-    ratio = timings.ratio(norm, copy)
-    low, high = ratio["iqr"]
-    return {"fraction": COPY_PASSES / ratio["ratio"], "iqr": [COPY_PASSES / high, COPY_PASSES / low]}
+    """A norm's forward+backward as a fraction of copy bandwidth, per round
+    COPY_PASSES x copy time / (forward+backward time): 1 = as fast as 5 passes over the tensor
+    at the speed of ``dst.copy_(src)``. The median over rounds and the interquartile range."""
+    return _median_and_iqr([COPY_PASSES / ratio for ratio in timings.per_round(norm, copy)], "fraction")
 
 
 class _StatisticGiven(nn.Module):
@@ -566,7 +575,8 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
             figures.append(Figure("norms", f"{name}, {tokens}x{width}", fraction["fraction"], FRACTION,
                                   fraction["iqr"], seconds, {"tokens": tokens, "width": width, "dtype": "float32"},
                                   "the first call compiles (or loads from the inductor cache); "
-                                  "it is not in the timings" if name in first_call else ""))
+                                  "it is not in the timings" if name in first_call else "",
+                                  rounds={"forward+backward": times.samples[name], "copy": times.samples["copy"]}))
     return figures
 
 
