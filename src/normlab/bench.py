@@ -216,9 +216,10 @@ class TrainStep:
         if self.extra_loss is not None:
             loss = loss + self.extra_loss()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function(OPTIMIZER_REGION):
+            torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def resident_bytes(self) -> int:
         """Bytes held between steps: parameters and optimizer state (each storage once)."""
@@ -231,6 +232,8 @@ class TrainStep:
 
 # ------------------------------------------------------------------ where a step's time goes
 
+#: the profiler label around a TrainStep's gradient clipping and optimizer update
+OPTIMIZER_REGION = "normlab.bench: clip + optimizer"
 _AUTOGRAD_NODE_PREFIX = "autograd::engine::evaluate_function: "
 #: operators (and their autograd nodes) that are matrix multiplications
 MATMUL_OPS = frozenset({
@@ -253,45 +256,54 @@ def op_class(name: str) -> str:
     return "matmul" if name in MATMUL_OPS else "other"
 
 
-def step_shares(events: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """Shares of a step's operator time by ``op_class``: {'matmul', 'attention', 'other'},
-    summing to 1, from (event name, self time) pairs.
+def step_shares(events: Iterable[tuple[str, float, bool]]) -> dict[str, float]:
+    """Shares of a step's operator time, summing to 1, from (event name, self time, inside the
+    optimizer region) triples: 'optimizer' for everything in ``OPTIMIZER_REGION`` (gradient
+    clipping and the AdamW update, whatever their operators), else by ``op_class``: 'matmul',
+    'attention', 'other' (norms, RoPE, SwiGLU's elementwise part, residual adds,
+    softmax/cross-entropy, copies). Outside matmul and attention = other + optimizer.
 
     Self time is an event's time minus its children's, so every microsecond belongs to exactly
     one event and nothing is counted twice: the time ``aten::linear`` spends in its child
     ``aten::addmm`` is addmm's (matmul), linear's own dispatch is linear's (matmul too), and a
     ``aten::copy_`` or ``aten::view`` that a matmul wrapper calls is 'other' (it is not a
-    multiplication). 'other' is everything else: norms, RoPE, SwiGLU's elementwise part, residual
-    adds, softmax/cross-entropy, copies, the optimizer."""
-    totals = dict.fromkeys(("matmul", "attention", "other"), 0.0)
-    for name, self_time in events:
-        totals[op_class(name)] += self_time
+    multiplication)."""
+    totals = dict.fromkeys(("matmul", "attention", "other", "optimizer"), 0.0)
+    for name, self_time, in_optimizer in events:
+        totals["optimizer" if in_optimizer else op_class(name)] += self_time
     whole = sum(totals.values())
     if whole <= 0:
         raise ValueError("step_shares: no operator time in the events")
     return {kind: total / whole for kind, total in totals.items()}
 
 
-def profile_step(step: Callable[[], Any]) -> tuple[list[tuple[str, float]], float]:
-    """(operator name, self CPU µs) of every operator in one call of ``step`` under
-    torch.profiler, and the call's wall time in µs."""
+def profile_step(step: Callable[[], Any]) -> tuple[list[tuple[str, float, bool]], float]:
+    """(event name, self CPU µs, whether it is inside ``OPTIMIZER_REGION``) of every event in
+    one call of ``step`` under torch.profiler, and the call's wall time in µs."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         step()
         wall = (time.perf_counter() - start) * 1e6
-    return [(event.key, event.self_cpu_time_total) for event in prof.key_averages()], wall
+
+    def in_optimizer(event) -> bool:
+        while event is not None and event.name != OPTIMIZER_REGION:
+            event = event.cpu_parent
+        return event is not None
+
+    return [(event.name, event.self_cpu_time_total, in_optimizer(event)) for event in prof.events()], wall
 
 
 def _share_figure(side: str, label: str, sizes: Sizes, step: Callable[[], Any]) -> Figure:
     events, wall = profile_step(step)
     shares = step_shares(events)
-    seen = sum(t for _, t in events) / wall
+    seen = sum(t for _, t, _ in events) / wall
     return Figure("transformers", f"{side} train step outside matmul and attention, config {label}",
-                  shares["other"], SHARE, config=asdict(sizes),
-                  note=f"matmul {shares['matmul']:.0%}, attention {shares['attention']:.0%}; operators "
-                  f"cover {seen:.0%} of the profiled step's wall time",
+                  shares["other"] + shares["optimizer"], SHARE, config=asdict(sizes),
+                  note=f"matmul {shares['matmul']:.0%}, attention {shares['attention']:.0%}, other operators "
+                  f"{shares['other']:.0%}, clipping + AdamW {shares['optimizer']:.0%}; operators cover {seen:.0%} "
+                  "of the profiled step's wall time",
                   parts={**shares, "operator_coverage": seen})
 
 
