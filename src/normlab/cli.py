@@ -503,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         "bench", help="speed ratios measured side by side (normlab vs transformers, strategies, norms)",
-        description="Times candidates in interleaved rounds and prints median-time ratios with their "
-        "interquartile range. Sections: transformers (normlab pre_norm vs LlamaForCausalLM with the same "
+        description="Times candidates in interleaved rounds and prints ratios (the median over rounds "
+        "of the candidate's time / the reference's in that round) with their interquartile range. Sections: transformers (normlab pre_norm vs LlamaForCausalLM with the same "
         "weights on the two target configs: train step, forward, share of the step outside matmul and "
         "attention), generation, scoring (vs lm-eval), moe (vs dense), strategies (train step vs "
         "pre_norm, bhyt vs bhyt_star), memory (peak per strategy), norms (forward+backward as a "
