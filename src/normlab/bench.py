@@ -625,7 +625,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_bench(sizes: Sizes = Sizes(), rounds: int = 7, device: str = "cpu", strategies: list[str] | None = None,
+def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", strategies: list[str] | None = None,
               sections: Iterable[str] = SECTIONS, out: str | Path | None = None,
               targets: dict[str, Sizes] = TARGET_SIZES, norm_shapes: Iterable[tuple[int, int]] = NORM_SHAPES,
               norm_paths: Iterable[str] = tuple(NORM_PATHS)) -> dict[str, Any]:

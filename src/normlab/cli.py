@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--strategies", help="comma-separated subset (default: all)")
     p.add_argument("--sections", help="comma-separated subset of transformers, generation, scoring, moe, "
