@@ -36,8 +36,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
+BENCH_OUT ?= bench
+
+# Speed ratios side by side; the table (bench.md) and bench.json go to BENCH_OUT. 7 rounds took
+# 36 min on 2 cores shared with other jobs (load ~10, matmul 25 GFLOP/s); the default 5 rounds
+# take about 3/4 of the time. Shorter: BENCH_ARGS="--sections norms,strategies --rounds 3".
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/normlab bench
+	$(BIN)/normlab bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

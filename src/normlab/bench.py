@@ -1,29 +1,140 @@
 """``normlab bench``: speed ratios measured side by side in one run.
 
-Absolute times on shared machines are noisy, so every benchmark times its candidates in
-interleaved rounds with ``torch.utils.benchmark.Timer``, the order reversed every other round
-(A, B, C, C, B, A, ...: whichever runs first in a pair tends to measure slower), and reports the
-median time of each candidate divided by the reference's median, with the interquartile range of
-the per-round ratios as its spread.
+Absolute times on shared machines are noisy, so every benchmark calls each candidate once to
+warm up and then times them in interleaved rounds, the order reversed every other round
+(A, B, C, C, B, A, ...: whichever runs first tends to measure slower). A figure is the median
+over rounds of the candidate's time divided by the reference's in the same round (a drift of
+the machine's speed between rounds cancels), with the interquartile range of those per-round
+ratios as its spread. ``--out DIR`` writes every figure, with the machine it was measured on,
+to DIR/bench.json and DIR/bench.md.
+
+Sections (``SECTIONS``, run in this order):
+
+- transformers: normlab pre_norm against ``LlamaForCausalLM`` with the same weights on the two
+  configs of ``TARGET_SIZES``: train step (``TrainStep``) and forward, and each side's share of
+  a train step spent outside matrix multiplications and attention (``step_shares``);
+- generation: greedy KV-cache decoding against ``LlamaForCausalLM.generate``;
+- scoring: multiple-choice scoring against lm-eval's ``hf`` backend;
+- moe: an MoE train step against the dense one with the same active parameters;
+- strategies: each strategy's train step / pre_norm, and bhyt / bhyt_star;
+- memory: peak memory of one train step per strategy (``step_memory``);
+- norms: each norm type's forward+backward as a fraction of copy bandwidth (``copy_fraction``),
+  once per way of running it (``NORM_PATHS``: eager, compiled).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import platform
 import statistics
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
+from torch import nn
 
-from normlab.config import ModelConfig
+from normlab.config import ModelConfig, TrainConfig
+from normlab.errors import ConfigError
 from normlab.nn.model import build_model
 from normlab.nn.registry import NORMS, make_norm, shares_statistic
 from normlab.strategies import STRATEGIES
+from normlab.train.optim import build_optimizer
+
+CPU = torch.device("cpu")
+SECTIONS = ("transformers", "generation", "scoring", "moe", "strategies", "memory", "norms")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A model and batch to benchmark; ``ffn_hidden`` None takes ModelConfig's default."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 256
+    batch: int = 8
+    vocab: int = 4096
+    ffn_hidden: int | None = None
+
+    def model_config(self, strategy: str = "pre_norm", **overrides: Any) -> ModelConfig:
+        fields_ = {"vocab_size": self.vocab, "d_model": self.d_model, "n_layers": self.n_layers,
+                   "n_heads": self.n_heads, "max_seq_len": self.seq_len}
+        if self.ffn_hidden is not None:
+            fields_["ffn_hidden"] = self.ffn_hidden
+        return ModelConfig.from_strategy(strategy, **{**fields_, **overrides})
+
+    def ids(self, device: torch.device) -> torch.Tensor:
+        """A fixed batch of token ids, (batch, seq_len)."""
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.vocab, (self.batch, self.seq_len), generator=generator).to(device)
+
+
+#: the two configs of issue 10's speed targets: A a typical small model, B the thin and deep
+#: kind that depth experiments on a CPU use
+TARGET_SIZES = {
+    "A": Sizes(d_model=256, n_layers=8, n_heads=4, seq_len=256, batch=16, vocab=2048, ffn_hidden=688),
+    "B": Sizes(d_model=64, n_layers=16, n_heads=4, seq_len=256, batch=16, vocab=257, ffn_hidden=176),
+}
+
+#: (tokens, width) of the norm section's inputs, fp32
+NORM_SHAPES = ((4096, 512), (4096, 2048))
+
+#: tensor passes of a norm's forward+backward (read x twice, write y, read dy, write dx) per
+#: pass of a copy (read src, write dst = 2 passes): 5 / 2
+COPY_PASSES = 2.5
+
+#: how the norm section runs a norm module: name -> function of the module returning what is
+#: called. A faster path (a fused kernel, a custom autograd Function) is one more entry.
+NORM_PATHS: dict[str, Callable[[nn.Module], Callable]] = {
+    "eager": lambda module: module,
+    "compiled": functools.partial(torch.compile, dynamic=False),
+}
+
+RATIO, FRACTION, SHARE, MEGABYTES = "ratio", "fraction of copy", "share", "MB"
+
+
+@dataclass
+class Figure:
+    """One number of the bench: ``value`` in ``unit``, its interquartile range over the rounds
+    (None for a single measurement), the candidates' median seconds, the sizes it was measured
+    at, the parts a share or a memory figure is made of, and the candidates' seconds per round."""
+
+    section: str
+    name: str
+    value: float
+    unit: str
+    iqr: list[float] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    parts: dict[str, float] = field(default_factory=dict)
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+
+    def value_text(self) -> str:
+        return _number(self.value, self.unit)
+
+    def iqr_text(self) -> str:
+        return "" if self.iqr is None else "-".join(_number(v, self.unit) for v in self.iqr)
+
+    def seconds_text(self) -> str:
+        return ", ".join(f"{name} {_duration(s)}" for name, s in self.seconds.items())
+
+
+def _number(value: float, unit: str) -> str:
+    return {RATIO: f"{value:.3f}", FRACTION: f"{value:.2f}", SHARE: f"{value:.0%}",
+            MEGABYTES: f"{value:.1f} MB"}[unit]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 class Timings(dict):
@@ -33,39 +144,207 @@ class Timings(dict):
         super().__init__({name: statistics.median(times) for name, times in samples.items()})
         self.samples = samples
 
+    def per_round(self, name: str, reference: str) -> list[float]:
+        """time(name) / time(reference) within each round (the two measured close together)."""
+        return [a / b for a, b in zip(self.samples[name], self.samples[reference], strict=True)]
+
     def ratio(self, name: str, reference: str) -> dict[str, Any]:
-        """median(name) / median(reference), and the interquartile range of the ratios of the
-        two within each round."""
-        per_round = sorted(a / b for a, b in zip(self.samples[name], self.samples[reference], strict=True))
-        quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
-        return {"ratio": self[name] / self[reference], "iqr": [quartiles[0], quartiles[-1]]}
+        """The median and interquartile range of the per-round ratios name / reference."""
+        return _median_and_iqr(self.per_round(name, reference), "ratio")
+
+    def figure(self, section: str, name: str, candidate: str, reference: str, config: dict[str, Any],
+               note: str = "") -> Figure:
+        """The figure candidate / reference (``ratio``), with both candidates' median seconds and
+        per-round seconds."""
+        ratio = self.ratio(candidate, reference)
+        return Figure(section, name, ratio["ratio"], RATIO, ratio["iqr"],
+                      {candidate: self[candidate], reference: self[reference]}, config, note,
+                      rounds={candidate: self.samples[candidate], reference: self.samples[reference]})
 
 
-def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, number: int) -> Timings:
-    """Seconds per call of each candidate, timed in rounds whose order alternates between
-    forward and reversed (``Timer.timeit`` warms up before each measurement)."""
-    timers = {name: Timer(stmt="fn()", globals={"fn": fn}) for name, fn in candidates.items()}
+def _median_and_iqr(values: list[float], key: str) -> dict[str, Any]:
+    """{key: median, 'iqr': [first quartile, third quartile]}; inclusive quartiles, which stay
+    within the observed values (the exclusive method extrapolates, below 0 with two rounds)."""
+    values = sorted(values)
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {key: statistics.median(values), "iqr": [quartiles[0], quartiles[-1]]}
+
+
+def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, number: int,
+                device: torch.device = CPU) -> Timings:
+    """Seconds per call of each candidate: one untimed warm-up call each, then ``rounds`` rounds
+    of ``number`` calls per candidate, the order reversed every other round."""
+
+    def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / calls
+
+    for fn in candidates.values():
+        fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for index in range(rounds):
-        order = list(timers) if index % 2 == 0 else list(reversed(timers))
+        order = list(candidates) if index % 2 == 0 else list(reversed(candidates))
         for name in order:
-            samples[name].append(timers[name].timeit(number).mean)
+            samples[name].append(seconds_per_call(candidates[name], number))
     return Timings(samples)
 
 
-def _ratio_text(entry: dict[str, Any]) -> str:
-    """'0.992 (IQR 0.97-1.01)'."""
-    low, high = entry["iqr"]
-    return f"{entry['ratio']:.3f} (IQR {low:.3f}-{high:.3f})"
+class TrainStep:
+    """One optimizer step as ``normlab train`` takes it with its default settings
+    (``TrainConfig()``: fp32, no compile): forward, cross-entropy in fp32 (+ ``extra_loss()``),
+    backward, gradient clipping at ``grad_clip``, AdamW from ``build_optimizer``, gradients set
+    to None. ``logits_of(ids)`` defaults to ``model(ids)``."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, logits_of: Callable | None = None,
+                 extra_loss: Callable[[], torch.Tensor] | None = None) -> None:
+        self.model, self.ids = model, ids
+        self.logits_of = logits_of or model
+        self.extra_loss = extra_loss
+        self.train = TrainConfig()
+        self.optimizer = build_optimizer(model, self.train)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self) -> None:
+        logits = self.logits_of(self.ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), self.ids.flatten())
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss()
+        loss.backward()
+        with torch.profiler.record_function(OPTIMIZER_REGION):
+            torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def resident_bytes(self) -> int:
+        """Bytes held between steps: parameters and optimizer state (each storage once)."""
+        tensors = list(self.model.parameters()) + [
+            value for state in self.optimizer.state.values() for value in state.values()
+            if isinstance(value, torch.Tensor)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
 
-def _train_step(model, ids: torch.Tensor, logits_of: Callable) -> Callable[[], None]:
-    def step() -> None:
-        logits = logits_of(model, ids)
-        F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
-        model.zero_grad(set_to_none=True)
-    return step
+# ------------------------------------------------------------------ where a step's time goes
 
+#: the profiler label around a TrainStep's gradient clipping and optimizer update
+OPTIMIZER_REGION = "normlab.bench: clip + optimizer"
+_AUTOGRAD_NODE_PREFIX = "autograd::engine::evaluate_function: "
+#: operators (and their autograd nodes) that are matrix multiplications
+MATMUL_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::linear",
+    "aten::mv", "aten::dot", "aten::_addmm_activation",
+    "MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0", "MvBackward0", "DotBackward0",
+})
+#: substrings (lower case, underscores removed) of the attention kernels' names: SDPA and the
+#: flash / memory-efficient kernels it dispatches to, forward, backward and autograd node
+ATTENTION_MARKS = ("scaleddotproduct", "flashattention", "efficientattention")
+
+
+def op_class(name: str) -> str:
+    """'matmul', 'attention' or 'other' for a profiler event name. An autograd engine event
+    ('autograd::engine::evaluate_function: MmBackward0') belongs with its node."""
+    name = name.removeprefix(_AUTOGRAD_NODE_PREFIX)
+    flat = name.replace("_", "").lower()
+    if any(mark in flat for mark in ATTENTION_MARKS):
+        return "attention"
+    return "matmul" if name in MATMUL_OPS else "other"
+
+
+def step_shares(events: Iterable[tuple[str, float, bool]]) -> dict[str, float]:
+    """Shares of a step's operator time, summing to 1, from (event name, self time, inside the
+    optimizer region) triples: 'optimizer' for everything in ``OPTIMIZER_REGION`` (gradient
+    clipping and the AdamW update, whatever their operators), else by ``op_class``: 'matmul',
+    'attention', 'other' (norms, RoPE, SwiGLU's elementwise part, residual adds,
+    softmax/cross-entropy, copies). Outside matmul and attention = other + optimizer.
+
+    Self time is an event's time minus its children's, so every microsecond belongs to exactly
+    one event and nothing is counted twice: the time ``aten::linear`` spends in its child
+    ``aten::addmm`` is addmm's (matmul), linear's own dispatch is linear's (matmul too), and a
+    ``aten::copy_`` or ``aten::view`` that a matmul wrapper calls is 'other' (it is not a
+    multiplication)."""
+    totals = dict.fromkeys(("matmul", "attention", "other", "optimizer"), 0.0)
+    for name, self_time, in_optimizer in events:
+        totals["optimizer" if in_optimizer else op_class(name)] += self_time
+    whole = sum(totals.values())
+    if whole <= 0:
+        raise ValueError("step_shares: no operator time in the events")
+    return {kind: total / whole for kind, total in totals.items()}
+
+
+def profile_step(step: Callable[[], Any]) -> tuple[list[tuple[str, float, bool]], float]:
+    """(event name, self CPU µs, whether it is inside ``OPTIMIZER_REGION``) of every event in
+    one call of ``step`` under torch.profiler, and the call's wall time in µs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = (time.perf_counter() - start) * 1e6
+
+    def in_optimizer(event) -> bool:
+        while event is not None and event.name != OPTIMIZER_REGION:
+            event = event.cpu_parent
+        return event is not None
+
+    return [(event.name, event.self_cpu_time_total, in_optimizer(event)) for event in prof.events()], wall
+
+
+def _share_figure(side: str, label: str, sizes: Sizes, step: Callable[[], Any]) -> Figure:
+    events, wall = profile_step(step)
+    shares = step_shares(events)
+    seen = sum(t for _, t, _ in events) / wall
+    return Figure("transformers", f"{side} train step outside matmul and attention, config {label}",
+                  shares["other"] + shares["optimizer"], SHARE, config=asdict(sizes),
+                  note=f"matmul {shares['matmul']:.0%}, attention {shares['attention']:.0%}, other operators "
+                  f"{shares['other']:.0%}, clipping + AdamW {shares['optimizer']:.0%}; operators cover {seen:.0%} "
+                  "of the profiled step's wall time",
+                  parts={**shares, "operator_coverage": seen})
+
+
+# ------------------------------------------------------------------ peak memory
+
+def running_peak(deltas: Iterable[int]) -> int:
+    """The largest running sum of allocation deltas (bytes, + allocated / - freed, in time
+    order), at least 0: the most memory held above the starting point."""
+    held = peak = 0
+    for delta in deltas:
+        held += delta
+        peak = max(peak, held)
+    return peak
+
+
+def step_memory(step: TrainStep, device: torch.device) -> dict[str, int]:
+    """Bytes of one train step: 'resident' (parameters and optimizer state, held between
+    steps) and 'step_peak' (the most allocated above that during the step: activations,
+    gradients, temporaries). On CUDA the allocator's peak (``max_memory_allocated``); on the CPU
+    the running peak of every allocation and free that torch.profiler records
+    (``profile_memory=True``), in time order."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        records = sorted((e for e in prof.profiler.kineto_results.events()
+                          if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                         key=lambda e: e.start_ns())
+        peak = running_peak(e.nbytes() for e in records)
+    return {"resident": step.resident_bytes(), "step_peak": peak}
+
+
+# ------------------------------------------------------------------ sections
 
 def _llama_twin(cfg: ModelConfig, device: torch.device):
     """(normlab Pre-Norm model, transformers.LlamaForCausalLM with the same weights), or None
@@ -85,65 +364,73 @@ def _llama_twin(cfg: ModelConfig, device: torch.device):
     return ours, hf
 
 
-def bench_vs_hf(cfg: ModelConfig, ids: torch.Tensor, rounds: int) -> dict[str, Any] | None:
-    """normlab Pre-Norm vs transformers.LlamaForCausalLM with the same weights: train step and
-    forward. None when transformers is not installed."""
-    twin = _llama_twin(cfg, ids.device)
+def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.device) -> list[Figure]:
+    """normlab pre_norm / LlamaForCausalLM with the same weights, per config: train step
+    (``TrainStep`` on both sides) and forward; on the CPU also each side's share of a train step
+    outside matmul and attention (one profiled step each). Empty without transformers."""
+    figures = []
+    for label, sizes in targets.items():
+        twin = _llama_twin(sizes.model_config(), device)
+        if twin is None:
+            return []
+        ours, hf = twin
+        ids = sizes.ids(device)
+
+        def hf_logits(x: torch.Tensor, hf=hf) -> torch.Tensor:
+            return hf(input_ids=x, use_cache=False).logits
+
+        steps = {"normlab": TrainStep(ours, ids), "transformers": TrainStep(hf, ids, hf_logits)}
+        train = interleaved(steps, rounds, 1, device)
+        with torch.no_grad():
+            forward = interleaved({"normlab": functools.partial(ours, ids),
+                                   "transformers": functools.partial(hf_logits, ids)}, rounds, 1, device)
+        config = asdict(sizes)
+        figures += [train.figure("transformers", f"train step normlab / LlamaForCausalLM, config {label}",
+                                 "normlab", "transformers", config),
+                    forward.figure("transformers", f"forward normlab / LlamaForCausalLM, config {label}",
+                                   "normlab", "transformers", config)]
+        if device.type == "cpu":
+            figures += [_share_figure(side, label, sizes, step) for side, step in steps.items()]
+    return figures
+
+
+def bench_generation(sizes: Sizes, rounds: int, device: torch.device, new_tokens: int = 128,
+                     prompt_len: int = 16) -> list[Figure]:
+    """Greedy KV-cache generation at batch 1: ``NormLM.generate`` / ``LlamaForCausalLM.generate``
+    with the same weights, ``new_tokens`` tokens each (no early stop). Empty without transformers."""
+    twin = _llama_twin(sizes.model_config(), device)
     if twin is None:
-        return None
-    ours, hf = twin
-
-    def ours_logits(m, x):
-        return m(x)
-
-    def hf_logits(m, x):
-        return m(input_ids=x, use_cache=False).logits
-
-    train = interleaved({"normlab": _train_step(ours, ids, ours_logits),
-                         "transformers": _train_step(hf, ids, hf_logits)}, rounds, 1)
-    with torch.no_grad():
-        forward = interleaved({"normlab": lambda: ours(ids), "transformers": lambda: hf_logits(hf, ids)}, rounds, 1)
-    return {"train_step": train, "forward": forward, "train_ratio": train.ratio("normlab", "transformers"),
-            "forward_ratio": forward.ratio("normlab", "transformers")}
-
-
-def bench_generation(cfg: ModelConfig, rounds: int, device: torch.device, new_tokens: int = 128,
-                     prompt_len: int = 16) -> dict[str, Any] | None:
-    """Greedy KV-cache generation at batch 1: ``NormLM.generate`` vs ``LlamaForCausalLM.generate``
-    with the same weights, ``new_tokens`` tokens each (no early stop). None without transformers."""
-    twin = _llama_twin(cfg, device)
-    if twin is None:
-        return None
+        return []
     ours, hf = twin
     ours.eval()
     hf.eval()
-    prompt_len = min(prompt_len, cfg.max_seq_len // 2)
-    new_tokens = min(new_tokens, cfg.max_seq_len - prompt_len)
-    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device,
-                           generator=torch.Generator(device).manual_seed(0))
+    prompt_len = min(prompt_len, sizes.seq_len // 2)
+    new_tokens = min(new_tokens, sizes.seq_len - prompt_len)
+    prompt = torch.randint(0, sizes.vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     # no eos token: both generate exactly new_tokens tokens
     same = torch.equal(ours.generate(prompt, new_tokens), hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False))
     times = interleaved({
         "normlab": lambda: ours.generate(prompt, new_tokens),
         "transformers": lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
-    }, rounds, 1)
-    return {"seconds": times, "new_tokens": new_tokens, "same_tokens": same,
-            **times.ratio("normlab", "transformers")}
+    }, rounds, 1, device)
+    return [times.figure("generation", f"greedy generation normlab / LlamaForCausalLM.generate, batch 1, "
+                         f"{new_tokens} tokens", "normlab", "transformers", {**asdict(sizes), "new_tokens": new_tokens},
+                         f"same tokens: {same}")]
 
 
-def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: int = 200,
-                  batch_size: int = 32) -> dict[str, Any] | None:
-    """Multiple-choice scoring of the same items: ``normlab.eval.evaluate`` vs lm-eval's ``hf``
+def bench_scoring(sizes: Sizes, rounds: int, device: torch.device, items: int = 200,
+                  batch_size: int = 32) -> list[Figure]:
+    """Multiple-choice scoring of the same items: ``normlab.eval.evaluate`` / lm-eval's ``hf``
     backend (``HFLM.loglikelihood``, tokenization included on both sides) on the same model
     exported to a Hugging Face directory, one batch size for both. The items are ARC-Easy from
     ``$NORMLAB_DATA`` when it is there, else made-up questions; the tokenizer a byte-level BPE of
-    ``cfg.vocab_size`` ids trained on them. None without transformers or lm-eval."""
+    ``sizes.vocab`` ids trained on them. Empty without transformers or lm-eval."""
     try:
         import transformers  # noqa: F401
         from lm_eval.api.instance import Instance
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        return None
+        return []
     import os
     import tempfile
 
@@ -159,9 +446,8 @@ def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: in
                              "choices": [str(2 * i), str(2 * i + 1), "a number", "none of these"]})
                  for i in range(items)]
     records = [json.loads(line) for line in lines]
-    tokenizer = train_bpe([r["query"] + " " + " ".join(r["choices"]) for r in records], max(cfg.vocab_size, 300))
-    model = build_model(ModelConfig.from_strategy("pre_norm", **{**_sizes(cfg), "vocab_size": tokenizer.vocab_size}))
-    model = model.to(device).eval()
+    tokenizer = train_bpe([r["query"] + " " + " ".join(r["choices"]) for r in records], max(sizes.vocab, 300))
+    model = build_model(sizes.model_config(vocab_size=tokenizer.vocab_size)).to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         task_file = Path(tmp) / "mc.jsonl"
         task_file.write_text("\n".join(lines) + "\n")
@@ -172,118 +458,259 @@ def bench_scoring(cfg: ModelConfig, rounds: int, device: torch.device, items: in
         times = interleaved({
             "normlab": lambda: evaluate(model, tokenizer, [str(task_file)], batch_size=batch_size, progress=False),
             "lm-eval": lambda: lm.loglikelihood(requests, disable_tqdm=True),
-        }, rounds, 1)
-    return {"seconds": times, "items": len(lines), "choices": len(requests), "batch_size": batch_size,
-            "tokenizer": tokenizer.name, "data": "arc_easy" if source.is_file() else "synthetic",
-            **times.ratio("normlab", "lm-eval")}
+        }, rounds, 1, device)
+    data = "ARC-Easy" if source.is_file() else "synthetic"
+    return [times.figure("scoring", f"multiple-choice scoring normlab evaluate / lm-eval hf, {len(lines)} {data} "
+                         f"items ({len(requests)} choices)", "normlab", "lm-eval",
+                         {**asdict(sizes), "vocab": tokenizer.vocab_size, "batch_size": batch_size},
+                         f"tokenizer {tokenizer.name}")]
 
 
-def bench_moe(cfg: ModelConfig, ids: torch.Tensor, rounds: int, experts: int = 8, top_k: int = 2) -> dict[str, Any]:
+def bench_moe(sizes: Sizes, rounds: int, device: torch.device, experts: int = 8, top_k: int = 2) -> list[Figure]:
     """Train step of an MoE model (``experts`` experts, top-``top_k``, each ffn_hidden / top_k
-    wide) against the dense model with the same active parameters (one FFN of ffn_hidden)."""
+    wide, its objective the trainer's: + aux-loss weight x load balance + z-loss weight x z-loss)
+    / the dense model's with the same active parameters (one FFN of ffn_hidden)."""
+    cfg = sizes.model_config()
     hidden = cfg.ffn_hidden // top_k
-    dense = build_model(cfg).to(ids.device)
-    moe = build_model(cfg.replace(moe_experts=experts, moe_top_k=top_k, moe_ffn_hidden=hidden)).to(ids.device)
+    ids = sizes.ids(device)
+    dense = build_model(cfg).to(device)
+    moe_cfg = cfg.replace(moe_experts=experts, moe_top_k=top_k, moe_ffn_hidden=hidden)
+    moe = build_model(moe_cfg).to(device)
 
-    def moe_step() -> None:
-        logits = moe(ids)
+    def moe_objective() -> torch.Tensor:
         losses = moe.moe_losses()
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
-        (loss + 0.01 * losses["load_balance"] + 0.001 * losses["z_loss"]).backward()
-        moe.zero_grad(set_to_none=True)
+        return moe_cfg.moe_aux_loss_weight * losses["load_balance"] + moe_cfg.moe_z_loss_weight * losses["z_loss"]
 
-    times = interleaved({"dense": _train_step(dense, ids, lambda m, x: m(x)), "moe": moe_step}, rounds, 1)
-    return {"seconds": times, "experts": experts, "top_k": top_k, "expert_hidden": hidden,
-            "active_params": {"dense": dense.num_active_params(), "moe": moe.num_active_params()},
-            **times.ratio("moe", "dense")}
+    times = interleaved({"dense": TrainStep(dense, ids), "moe": TrainStep(moe, ids, extra_loss=moe_objective)},
+                        rounds, 1, device)
+    return [times.figure("moe", f"MoE train step ({experts} experts, top-{top_k}, width {hidden}) / dense with the "
+                         "same active parameters", "moe", "dense", asdict(sizes),
+                         f"active parameters {moe.num_active_params()} vs {dense.num_active_params()}")]
 
 
-def bench_strategies(cfg: ModelConfig, ids: torch.Tensor, rounds: int, names: list[str]) -> Timings:
-    """Train-step time of each strategy (same sizes) in seconds."""
-    steps = {}
+def bench_strategies(sizes: Sizes, rounds: int, device: torch.device, names: list[str]) -> list[Figure]:
+    """Each strategy's train step (``TrainStep``) / pre_norm's (the first name's when pre_norm is
+    not among them), and bhyt / bhyt_star when both are: the cost of BHyT*'s second reduction."""
+    ids = sizes.ids(device)
+    steps = {name: TrainStep(build_model(sizes.model_config(name)).to(device), ids) for name in names}
+    times = interleaved(steps, rounds, 1, device)
+    base = "pre_norm" if "pre_norm" in steps else names[0]
+    config = asdict(sizes)
+    figures = [times.figure("strategies", f"train step {name} / {base}", name, base, config) for name in names]
+    if "bhyt" in times and "bhyt_star" in times:
+        figures.append(times.figure("strategies", "train step bhyt / bhyt_star (one statistic per block vs two)",
+                                    "bhyt", "bhyt_star", config))
+    return figures
+
+
+def bench_memory(sizes: Sizes, device: torch.device, names: list[str]) -> list[Figure]:
+    """Peak memory of one train step per strategy (``step_memory``), after one step that
+    creates the optimizer state: resident + step peak, in MB (10^6 bytes)."""
+    ids = sizes.ids(device)
+    figures = []
     for name in names:
-        model = build_model(ModelConfig.from_strategy(name, **_sizes(cfg))).to(ids.device)
-        steps[name] = _train_step(model, ids, lambda m, x: m(x))
-    return interleaved(steps, rounds, 1)
+        step = TrainStep(build_model(sizes.model_config(name)).to(device), ids)
+        step()
+        memory = step_memory(step, device)
+        figures.append(Figure("memory", f"peak memory of a train step, {name}",
+                              (memory["resident"] + memory["step_peak"]) / 1e6, MEGABYTES, config=asdict(sizes),
+                              note=f"parameters + optimizer state {memory['resident'] / 1e6:.1f} MB, "
+                              f"step peak above them {memory['step_peak'] / 1e6:.1f} MB",
+                              parts={kind: nbytes / 1e6 for kind, nbytes in memory.items()}))
+    return figures
 
 
-def bench_norms(cfg: ModelConfig, tokens: int, rounds: int, device: torch.device) -> Timings:
-    """Forward + backward of one norm of each registered type on (tokens, d_model) in seconds
-    (a shared-statistic type is timed as its per-site twin, 'none' is left out)."""
-    x = torch.randn(tokens, cfg.d_model, device=device, requires_grad=True)
-    grad = torch.randn_like(x)
-    calls = {}
-    for kind in [k for k in NORMS if k != "none" and not shares_statistic(k)]:
-        norm = make_norm(kind, cfg.d_model, cfg, "attn").to(device)
-
-        def call(norm=norm) -> None:
-            norm(x).backward(grad)
-            x.grad = None
-        calls[kind] = call
-    return interleaved(calls, rounds, 5)
+def copy_fraction(timings: Timings, norm: str, copy: str = "copy") -> dict[str, Any]:
+    """A norm's forward+backward as a fraction of copy bandwidth, per round
+    COPY_PASSES x copy time / (forward+backward time): 1 = as fast as 5 passes over the tensor
+    at the speed of ``dst.copy_(src)``. The median over rounds and the interquartile range."""
+    return _median_and_iqr([COPY_PASSES / ratio for ratio in timings.per_round(norm, copy)], "fraction")
 
 
-def _sizes(cfg: ModelConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                                          "ffn_hidden", "max_seq_len")}
+class _StatisticGiven(nn.Module):
+    """A shared-statistic norm at its block's FFN site: apply(x, s2), s2 computed earlier."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        return self.norm.apply(x, s2)
 
 
-def run_bench(d_model: int = 256, n_layers: int = 4, n_heads: int = 4, seq_len: int = 256, batch_size: int = 8,
-              vocab_size: int = 4096, rounds: int = 7, device: str = "cpu", strategies: list[str] | None = None,
-              out: str | Path | None = None) -> dict[str, Any]:
-    """Run every benchmark, print ratio tables, optionally save JSON."""
+def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.device,
+                paths: Iterable[str] = tuple(NORM_PATHS), kinds: Iterable[str] | None = None,
+                number: int = 5) -> list[Figure]:
+    """Forward+backward of one norm of each registered type (all but 'none') on each (tokens,
+    width) fp32 shape, run each way of ``paths``, as a fraction of copy bandwidth
+    (``copy_fraction``), all timed together with ``dst.copy_(src)`` on the same shape. A
+    shared-statistic type (bhyt) is timed at both sites: the attention site computes the
+    statistic, the FFN site gets it (a 4-pass minimum, so its fraction can exceed 1). A path
+    that fails on its first call (torch.compile without a C++ compiler) is reported and left
+    out; its first call's time (compilation) is in the figure's seconds."""
+    kinds = [k for k in (kinds or NORMS) if k != "none"]
+    figures = []
+    for tokens, width in shapes:
+        cfg = ModelConfig.from_strategy("pre_norm", d_model=width)
+        x = torch.randn(tokens, width, device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+        s2 = x.detach().pow(2).mean(-1, keepdim=True).requires_grad_()
+        src, dst = torch.randn_like(x), torch.empty_like(x)
+        calls: dict[str, Callable[[], None]] = {"copy": lambda src=src, dst=dst: dst.copy_(src)}
+        first_call: dict[str, float] = {}
+        for kind in kinds:
+            sites = {kind: ((x,), None)}
+            if shares_statistic(kind):
+                sites = {f"{kind} (attention site)": ((x,), None), f"{kind} (FFN site)": ((x, s2), _StatisticGiven)}
+            for label, (inputs, wrap) in sites.items():
+                for path in paths:
+                    norm = make_norm(kind, width, cfg, "attn").to(device)
+                    module = wrap(norm) if wrap else norm
+                    call = _norm_call(NORM_PATHS[path](module), inputs, grad, list(norm.parameters()))
+                    name = f"{label}, {path}"
+                    if path != "eager":
+                        start = time.perf_counter()
+                        try:
+                            call()
+                        except Exception as err:  # e.g. no C++ compiler for inductor: report, go on
+                            _say(f"  ({name}: left out, its first call failed: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''})")
+                            continue
+                        first_call[name] = time.perf_counter() - start
+                    calls[name] = call
+        times = interleaved(calls, rounds, number, device)
+        for name in [n for n in calls if n != "copy"]:
+            fraction = copy_fraction(times, name)
+            seconds = {"forward+backward": times[name], "copy": times["copy"]}
+            if name in first_call:
+                seconds["first call"] = first_call[name]
+            figures.append(Figure("norms", f"{name}, {tokens}x{width}", fraction["fraction"], FRACTION,
+                                  fraction["iqr"], seconds, {"tokens": tokens, "width": width, "dtype": "float32"},
+                                  "the first call compiles (or loads from the inductor cache); "
+                                  "it is not in the timings" if name in first_call else "",
+                                  rounds={"forward+backward": times.samples[name], "copy": times.samples["copy"]}))
+    return figures
+
+
+def _norm_call(fn: Callable, inputs: tuple[torch.Tensor, ...], grad: torch.Tensor,
+               params: list[torch.Tensor]) -> Callable[[], None]:
+    def call() -> None:
+        fn(*inputs).backward(grad)
+        for tensor in (*inputs, *params):
+            tensor.grad = None
+    return call
+
+
+# ------------------------------------------------------------------ machine, runner, output
+
+def matmul_gflops(device: torch.device, n: int = 1024, rounds: int = 10) -> float:
+    """fp32 n x n matmul throughput: 2 n^3 / median seconds / 1e9."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    seconds = interleaved({"matmul": lambda: a @ b}, rounds, 1, device)["matmul"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on, with a measured fp32 matmul GFLOP/s."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    info = {"device": str(device), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "matmul_gflops_fp32": matmul_gflops(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", strategies: list[str] | None = None,
+              sections: Iterable[str] = SECTIONS, out: str | Path | None = None,
+              targets: dict[str, Sizes] = TARGET_SIZES, norm_shapes: Iterable[tuple[int, int]] = NORM_SHAPES,
+              norm_paths: Iterable[str] = tuple(NORM_PATHS)) -> dict[str, Any]:
+    """Run the chosen sections, print each one's figures as it finishes, and with ``out`` write
+    DIR/bench.json and DIR/bench.md. Returns what bench.json holds."""
+    sections = list(sections)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"--sections: unknown section '{unknown[0]}'; choose from {', '.join(SECTIONS)}")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out: '{out_dir}' is a file; expected a directory")
     dev = torch.device(device)
+    started = time.perf_counter()
     torch.manual_seed(0)
-    cfg = ModelConfig.from_strategy("pre_norm", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
-                                    n_heads=n_heads, max_seq_len=seq_len)
-    ids = torch.randint(0, vocab_size, (batch_size, seq_len), device=dev)
     names = strategies or list(STRATEGIES)
-    result: dict[str, Any] = {
-        "setup": {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "seq_len": seq_len,
-                  "batch_size": batch_size, "vocab_size": vocab_size, "rounds": rounds},
+    for name in names:  # bad sizes or an unknown strategy: one line now, not after the first sections
+        sizes.model_config(name)
+    machine = machine_info(dev)
+    _say(f"normlab bench on {machine['cpu'] if dev.type == 'cpu' else machine['gpu']} ({machine['threads']} threads, "
+         f"fp32 matmul {machine['matmul_gflops_fp32']:.0f} GFLOP/s), torch {machine['torch']}; median of {rounds} "
+         "interleaved rounds, IQR of the per-round ratios in brackets")
+    runners: dict[str, Callable[[], list[Figure]]] = {
+        "transformers": lambda: bench_transformers(targets, rounds, dev),
+        "generation": lambda: bench_generation(sizes, rounds, dev),
+        "scoring": lambda: bench_scoring(sizes, max(1, rounds // 2), dev),
+        "moe": lambda: bench_moe(sizes, rounds, dev),
+        "strategies": lambda: bench_strategies(sizes, rounds, dev, names),
+        "memory": lambda: bench_memory(sizes, dev, names),
+        "norms": lambda: bench_norms(norm_shapes, rounds, dev, norm_paths),
     }
-    _say(f"normlab bench on {dev} ({torch.get_num_threads()} threads): d_model {d_model}, {n_layers} layers, "
-         f"batch {batch_size} x {seq_len} tokens; median of {rounds} interleaved rounds")
-    result["vs_transformers"] = bench_vs_hf(cfg, ids, rounds)
-    if result["vs_transformers"]:
-        r = result["vs_transformers"]
-        _say("\nnormlab pre_norm / transformers LlamaForCausalLM (same weights; < 1 = normlab faster)")
-        _say(f"  train step (fwd+bwd)  {_ratio_text(r['train_ratio'])}   ({r['train_step']['normlab'] * 1e3:.1f} ms "
-             f"vs {r['train_step']['transformers'] * 1e3:.1f} ms)")
-        _say(f"  forward               {_ratio_text(r['forward_ratio'])}")
-    else:
-        _say("\n(transformers not installed: skipping the Hugging Face comparison)")
-    generation = result["generation"] = bench_generation(cfg, rounds, dev)
-    if generation:
-        _say(f"\ngreedy generation, batch 1, {generation['new_tokens']} new tokens, KV cache: "
-             f"normlab / transformers = {_ratio_text(generation)} "
-             f"({generation['seconds']['normlab'] * 1e3 / generation['new_tokens']:.2f} vs "
-             f"{generation['seconds']['transformers'] * 1e3 / generation['new_tokens']:.2f} ms per token; "
-             f"same tokens: {generation['same_tokens']})")
-    scoring = result["scoring"] = bench_scoring(cfg, max(1, rounds // 2), dev)
-    if scoring:
-        _say(f"\nmultiple-choice scoring, {scoring['items']} {scoring['data']} items ({scoring['choices']} choices), "
-             f"{scoring['tokenizer']}, batch {scoring['batch_size']}: normlab evaluate / lm-eval hf = {_ratio_text(scoring)} "
-             f"({scoring['seconds']['normlab']:.2f} s vs {scoring['seconds']['lm-eval']:.2f} s)")
-    moe = result["moe"] = bench_moe(cfg, ids, rounds)
-    _say(f"\nMoE train step ({moe['experts']} experts, top-{moe['top_k']}, width {moe['expert_hidden']}) / dense "
-         f"step with the same active parameters = {_ratio_text(moe)}")
-    steps = bench_strategies(cfg, ids, rounds, names)
-    base = "pre_norm" if "pre_norm" in steps else next(iter(steps))
-    result["strategies"] = {n: {"seconds": t, "ratio_to_pre_norm": steps.ratio(n, base)} for n, t in steps.items()}
-    _say(f"\ntrain step relative to {base}")
-    for name, entry in result["strategies"].items():
-        _say(f"  {name:<16} {_ratio_text(entry['ratio_to_pre_norm'])}")
-    norms = bench_norms(cfg, batch_size * seq_len, rounds, dev)
-    result["norms"] = {n: {"seconds": t, "ratio_to_rmsnorm": norms.ratio(n, "rmsnorm")} for n, t in norms.items()}
-    _say("\nnorm forward+backward relative to rmsnorm (eager, no fused kernels)")
-    for name, entry in result["norms"].items():
-        _say(f"  {name:<16} {_ratio_text(entry['ratio_to_rmsnorm'])}")
-    if out is not None:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
-        _say(f"\nsaved {out}")
+    figures: list[Figure] = []
+    section_seconds: dict[str, float] = {}
+    for section in [s for s in SECTIONS if s in sections]:
+        _say(f"\n{section}")
+        section_started = time.perf_counter()
+        found = runners[section]()
+        section_seconds[section] = time.perf_counter() - section_started
+        if not found:
+            _say("  (skipped: transformers or lm-eval is not installed)")
+        for figure in found:
+            iqr = f" [{figure.iqr_text()}]" if figure.iqr else ""
+            details = "; ".join(filter(None, [figure.seconds_text(), figure.note]))
+            _say(f"  {figure.name:<72} {figure.value_text()}{iqr}   {details}")
+        _say(f"  ({section_seconds[section]:.0f} s)")
+        figures += found
+    result = {"machine": machine,
+              "setup": {"sizes": asdict(sizes), "targets": {k: asdict(v) for k, v in targets.items()},
+                        "norm_shapes": [list(s) for s in norm_shapes], "norm_paths": list(norm_paths),
+                        "rounds": rounds, "sections": sections, "strategies": names},
+              "seconds_total": time.perf_counter() - started, "seconds_by_section": section_seconds,
+              "figures": [asdict(f) for f in figures]}
+    _say(f"\nbench took {result['seconds_total']:.0f} s")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        (out_dir / "bench.md").write_text(markdown(result, figures))
+        _say(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
     return result
+
+
+def markdown(result: dict[str, Any], figures: list[Figure]) -> str:
+    """bench.md: the machine, the setup and one table row per figure."""
+    machine, setup = result["machine"], result["setup"]
+    where = machine.get("gpu", machine["cpu"])
+    lines = [
+        "# normlab bench", "",
+        f"{where}, {machine['threads']} threads, fp32 matmul {machine['matmul_gflops_fp32']:.0f} GFLOP/s "
+        f"(1024 x 1024); torch {machine['torch']}, Python {machine['python']}, {machine['platform']}.",
+        f"Median of {setup['rounds']} interleaved rounds (order reversed every other round); IQR = interquartile "
+        f"range of the per-round ratios. The bench took {result['seconds_total']:.0f} s.", "",
+        f"Sizes: {_sizes_text(setup['sizes'])}; transformers section: "
+        + "; ".join(f"{k} = {_sizes_text(v)}" for k, v in setup["targets"].items()) + ".", "",
+        "| section | figure | value | IQR | median times | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {f.section} | {f.name} | {f.value_text()} | {f.iqr_text()} | {f.seconds_text()} | {f.note} |"
+              for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _sizes_text(sizes: dict[str, Any]) -> str:
+    ffn = f", ffn {sizes['ffn_hidden']}" if sizes.get("ffn_hidden") else ""
+    return (f"d_model {sizes['d_model']}, layers {sizes['n_layers']}, heads {sizes['n_heads']}{ffn}, "
+            f"batch {sizes['batch']} x {sizes['seq_len']}, vocab {sizes['vocab']}")
 
 
 def _say(text: str) -> None:

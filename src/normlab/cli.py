@@ -276,7 +276,7 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from normlab.bench import run_bench
+    from normlab.bench import SECTIONS, Sizes, run_bench
     from normlab.config import ConfigError
 
     for name in ("d_model", "layers", "heads", "seq_len", "batch", "vocab", "rounds"):
@@ -287,8 +287,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device: '{args.device}' requested but no CUDA device is available")
     strategies = _parse_list(args.strategies, str, "--strategies") if args.strategies else None
-    run_bench(args.d_model, args.layers, args.heads, args.seq_len, args.batch, args.vocab, args.rounds,
-              args.device, strategies, args.out)
+    sections = _parse_list(args.sections, str, "--sections") if args.sections else SECTIONS
+    sizes = Sizes(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
+                  batch=args.batch, vocab=args.vocab)
+    run_bench(sizes, args.rounds, args.device, strategies, sections, args.out)
     return 0
 
 
@@ -501,19 +503,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         "bench", help="speed ratios measured side by side (normlab vs transformers, strategies, norms)",
-        description="Times candidates in interleaved rounds and prints median-time ratios: normlab "
-        "Pre-Norm vs transformers LlamaForCausalLM with the same weights, every strategy's train "
-        "step vs pre_norm, every norm type vs RMSNorm.")
+        description="Times candidates in interleaved rounds and prints ratios (the median over rounds "
+        "of the candidate's time / the reference's in that round) with their interquartile range. Sections: transformers (normlab pre_norm vs LlamaForCausalLM with the same "
+        "weights on the two target configs: train step, forward, share of the step outside matmul and "
+        "attention), generation, scoring (vs lm-eval), moe (vs dense), strategies (train step vs "
+        "pre_norm, bhyt vs bhyt_star), memory (peak per strategy), norms (forward+backward as a "
+        "fraction of copy bandwidth, eager and compiled). The sizes below apply to all but "
+        "transformers and norms.")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--strategies", help="comma-separated subset (default: all)")
-    p.add_argument("--out", help="also save the numbers as JSON")
+    p.add_argument("--sections", help="comma-separated subset of transformers, generation, scoring, moe, "
+                   "strategies, memory, norms (default: all)")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/bench.json (every figure, its IQR, median "
+                   "times, sizes and the machine) and DIR/bench.md (a Markdown table)")
     p.set_defaults(func=_cmd_bench)
 
     data = verbs.add_parser("data", help="corpus and tokenizer tools")
