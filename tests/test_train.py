@@ -194,6 +194,7 @@ def test_nan_loss_marks_diverged(tmp_path):
     (["train.max_step=5"], "train.max_step: unknown key (did you mean 'max_steps'?)"),
     (["model.strategy=hybridnrom"], "did you mean 'hybridnorm'"),
     (["trian.lr=1"], "unknown section 'trian' (did you mean 'train'?)"),
+    (["train.compile=sometimes"], "train.compile: expected true, false or auto, got 'sometimes'"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, overrides, message):
     run = tmp_path / "run"
@@ -345,3 +346,58 @@ def test_checkpoints_with_0_dim_scalars_still_load(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(new, tmp_path / "bad.safetensors")
+
+
+def test_compile_break_even_by_hand():
+    from normlab.train.compile import CompileMeasurement, measure
+
+    m = CompileMeasurement(compile_s=10.0, eager_s=0.5, compiled_s=0.4)
+    assert m.pays(101) and not m.pays(100)  # 101 * 0.1 s > 10 s of compiling; 100 * 0.1 is not
+    assert not CompileMeasurement(1.0, 0.4, 0.5).pays(10**6)  # a slower compiled step never pays
+    got = measure([1.0, 2.0, 3.0], [10.0, 1.5, 1.4])
+    assert got == CompileMeasurement(compile_s=8.0, eager_s=2.0, compiled_s=pytest.approx(1.45))
+
+
+@pytest.fixture
+def fake_compile(monkeypatch):
+    """torch.compile replaced by a wrapper that counts its calls (no compiling in the tests)."""
+    calls = []
+
+    def compile_(module):
+        def compiled(*args, **kwargs):
+            calls.append(1)
+            return module(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr("normlab.train.trainer.torch.compile", compile_)
+    return calls
+
+
+def test_compile_auto_follows_the_measured_break_even(tmp_path, fake_compile):
+    """With a measurement for the run's signature, auto compiles exactly when it pays; without
+    one, the run probes 3 eager and 3 compiled steps and records what it measured. The loss
+    curve is the same either way (the fake compile is the identity)."""
+    from normlab.train.compile import CompileLog, CompileMeasurement, signature
+    from normlab.train.trainer import cache_root
+
+    reference = tmp_path / "eager"
+    train(raw("train.max_steps=10"), reference, progress=False)
+    cfg = raw("train.max_steps=10", "train.compile=auto")
+    log = CompileLog(cache_root(cfg.data))
+    key = signature(cfg, torch.device("cpu"))
+    log.put(key, CompileMeasurement(compile_s=100.0, eager_s=1.0, compiled_s=0.5))  # 10 steps save 5 s: no
+    train(cfg, tmp_path / "slow-to-compile", progress=False)
+    assert fake_compile == []
+    log.put(key, CompileMeasurement(compile_s=1.0, eager_s=1.0, compiled_s=0.5))  # saves 5 s: yes
+    train(cfg, tmp_path / "pays", progress=False)
+    assert len(fake_compile) == 9  # every step after the first (decided after step 1)
+    fake_compile.clear()
+    path = log.path
+    entries = json.loads(path.read_text())
+    del entries[key]
+    path.write_text(json.dumps(entries))
+    train(cfg, tmp_path / "probe", progress=False)
+    assert len(fake_compile) >= 3  # steps 4-6 probe the compiled path
+    assert log.get(key) is not None  # and the measurement is recorded
+    for run in ("slow-to-compile", "pays", "probe"):
+        assert losses(tmp_path / run) == losses(reference)

@@ -479,7 +479,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False  # true, false or 'auto' (compile where a measured break-even says it pays)
     diverge_loss: float | None = None  # None: 3 * ln(vocab_size); a loss above it = diverged
     record_every: int = 0  # per-layer grad norms + residual RMS to layers.jsonl every N steps; 0 = off
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -505,8 +505,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: {getattr(self, name)} must be below 1")
         check_choice("train.precision", self.precision, ("fp32", "bf16"))
         check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"train.compile: expected true or false, got {self.compile!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ConfigError(f"train.compile: expected true, false or auto, got {self.compile!r}")
         if self.diverge_loss is not None:
             _check_positive_float("train.diverge_loss", self.diverge_loss)
         if not isinstance(self.device, str) or not (

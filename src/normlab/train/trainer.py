@@ -41,6 +41,7 @@ from normlab.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from normlab.train.compile import PROBE_STEPS, CompileLog, measure, signature
 from normlab.train.distributed import World
 from normlab.train.optim import build_optimizer, build_scheduler, lr_factor
 from normlab.train.rundir import RunDir
@@ -230,7 +231,9 @@ class Trainer:
         self.sharded = distributed.is_fsdp(self.model)
         self.optimizer = build_optimizer(self.model, t)  # after sharding: FSDP's parameters are DTensors
         self.scheduler = build_scheduler(self.optimizer, t)
-        self.forward = torch.compile(self.parallel) if t.compile else self.parallel
+        self.compiled = torch.compile(self.parallel) if t.compile is not False else None  # compiles on first call
+        self.forward = self.compiled if t.compile is True else self.parallel
+        self.auto_compile = _AutoCompile(cfg, self.device, world) if t.compile == "auto" else None
         self.diverge_loss = t.diverge_loss or 3 * math.log(cfg.model.vocab_size)
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
         self.step = 0
@@ -357,6 +360,9 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            if self.auto_compile is not None:
+                self.forward = self.auto_compile.after_step(time.perf_counter() - started, t.max_steps - self.step,
+                                                            self.parallel, self.compiled, self.progress)
             window_time += time.perf_counter() - started
             window_tokens += self.tokens_per_step
             if self.step % self.cfg.model.bhyt_refresh_every == 0:
@@ -443,6 +449,43 @@ class Trainer:
             print(f"{self.run.path.name}: step {record['step']}/{self.cfg.train.max_steps} "
                   f"loss {record['loss']:.4f} val {record['val_loss']:.4f} "
                   f"tok/s {record['tokens_per_s']:.0f}", file=sys.stderr, flush=True)
+
+
+class _AutoCompile:
+    """``train.compile=auto`` (normlab.train.compile): take this machine's measurement for the
+    run's signature, or measure it on the run's first steps (PROBE_STEPS eager, then as many
+    compiled), then keep the path that the break-even rule picks for the steps left. Every rank
+    takes the same path (compiled when any rank's rule says so)."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, world: World) -> None:
+        self.world = world
+        self.log = CompileLog(cache_root(cfg.data))
+        self.key = signature(cfg, device)
+        self.known = self.log.get(self.key)
+        self.eager: list[float] = []
+        self.compiled: list[float] = []
+        self.choice: bool | None = None
+
+    def after_step(self, seconds: float, steps_left: int, eager: Any, compiled: Any, progress: bool) -> Any:
+        """The callable for the next step, given the last step's time."""
+        if self.choice is None:
+            measurement = self.known
+            if measurement is None:
+                (self.compiled if len(self.eager) == PROBE_STEPS else self.eager).append(seconds)
+                if len(self.compiled) < PROBE_STEPS and steps_left > PROBE_STEPS:
+                    return compiled if len(self.eager) == PROBE_STEPS else eager  # still probing
+                if len(self.compiled) < PROBE_STEPS:  # too short to finish probing: eager, nothing recorded
+                    self.choice = False
+                    return eager
+                measurement = measure(self.eager, self.compiled)
+                if self.world.is_main:
+                    self.log.put(self.key, measurement)
+            self.choice = distributed.any_rank(self.world, measurement.pays(steps_left))
+            if progress:
+                print(f"train.compile=auto: {'compiled' if self.choice else 'eager'} for the {steps_left} steps left "
+                      f"(measured: compile {measurement.compile_s:.1f} s, step {measurement.eager_s * 1e3:.0f} ms eager, "
+                      f"{measurement.compiled_s * 1e3:.0f} ms compiled)", file=sys.stderr, flush=True)
+        return compiled if self.choice else eager
 
 
 def _tensorboard(path: Path):
