@@ -2,17 +2,24 @@
 backward pass (``fused_norms.cpp``), each reading a row of x and dy once and writing a row of y
 or dx once, with hand-derived gradients for x, the gains, the scalars alpha / lam and BHyT's s2.
 
-Why a C++ extension (measured on a 2-core CPU, fp32, forward+backward as a fraction of copy
-bandwidth, 2.5 x time(dst.copy_(src)) / time(norm), at (4096, 512)): ``F.rms_norm`` is a
-composite of about 10 ATen ops on the CPU (0.01-0.16); an ``autograd.Function`` over eager ops
-is no better (0.04: still one pass per op); ``torch.compile`` of the norm alone reached 0.25
-but costs 17 s per process plus about 4 s per new shape, which every ``make demo`` worker and
-test process would pay. The kernels reach 0.6-0.8 (RMSNorm, LayerNorm, DyT) and about 0.5
-(BHyT*) at (4096, 512) and cost one build per machine (about 25 s of CPU time, then 0.03 s to
-load). BHyT's shared-statistic path, ``apply(x, mean_square(x))``, stays near 0.16: its two
-Functions and autograd's sum of their dx make 13 tensor passes instead of 5. At (4096, 2048) the
-fresh 32 MiB outputs come from mmap, so page faults, not the kernels, bound every norm and the
-reference alike (glibc: ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` lifts it).
+Why a C++ extension (measured on a busy 2-core CPU, fp32, forward+backward as a fraction of
+copy bandwidth, 2.5 x time(dst.copy_(src)) / time(norm), medians of alternated rounds):
+``F.rms_norm`` is a composite of about 10 ATen ops on the CPU (0.03-0.16 at (4096, 512)); an
+``autograd.Function`` over eager ops is no better (0.04: still one pass per op);
+``torch.compile`` of the norm alone reached 0.25 but costs 17 s per process plus about 4 s per
+new shape, which every ``make demo`` worker and test process would pay. These kernels cost one
+build per machine (about 25 s of CPU time, a minute of wall time on a loaded machine; then
+0.03 s to load) and measured, reference -> fused:
+
+    shape              rmsnorm      layernorm    dyt          bhyt_star    bhyt apply(x, ms(x))
+    (4096, 512)        0.14 -> 0.58 0.36 -> 0.57 0.15 -> 0.53 0.10 -> 0.63 0.07 -> 0.25
+    (4096, 8, 64) QK   0.09 -> 0.50 0.45 -> 0.64 0.16 -> 0.71 0.10 -> 0.64 0.08 -> 0.23
+    (4096, 2048)       0.09 -> 0.83 0.26 -> 0.34 0.09 -> 0.33 0.06 -> 0.33 0.05 -> 0.21
+
+BHyT's shared-statistic path stays near 0.2: its two Functions and autograd's sum of their dx
+make 13 tensor passes instead of 5. At (4096, 2048) the fresh 32 MiB outputs come from mmap and
+page faults bound the time as much as the kernels do (glibc:
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` made the RMSNorm forward 40x faster).
 
 The norm modules in ``norms.py`` call these kernels when ``FastPath.takes`` accepts the call
 and run their own formulas otherwise; those formulas stay the reference:
