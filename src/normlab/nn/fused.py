@@ -19,7 +19,8 @@ build per machine (about 25 s of CPU time, a minute of wall time on a loaded mac
 BHyT's shared-statistic path stays near 0.2: its two Functions and autograd's sum of their dx
 make 13 tensor passes instead of 5. At (4096, 2048) the fresh 32 MiB outputs come from mmap and
 page faults bound the time as much as the kernels do (glibc:
-``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` made the RMSNorm forward 40x faster).
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` made the RMSNorm kernels several
+times faster there in a noisy measurement).
 
 The norm modules in ``norms.py`` call these kernels when ``FastPath.takes`` accepts the call
 and run their own formulas otherwise; those formulas stay the reference:
