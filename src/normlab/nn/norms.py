@@ -2,6 +2,10 @@
 (..., dim) -> (..., dim), is built as ``cls(dim, cfg, site)`` and computes statistics in fp32.
 
 ``x`` is one row of the residual stream, ``ms(x) = mean_i x_i^2``.
+
+The formulas below are the reference. ``normlab.nn.fused`` installs ``FAST_PATH``, fused CPU
+kernels that compute the same values and gradients; an exported model has none and runs the
+formulas.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.nn.registry import register_norm
+
+#: the fast kernels (``normlab.nn.fused.FastPath``, installed when normlab.nn is imported), or None
+FAST_PATH = None
+
+
+def _fast(x: torch.Tensor, *params: torch.Tensor):
+    """FAST_PATH when it computes this call, else None (the caller runs its formula)."""
+    return FAST_PATH if FAST_PATH is not None and FAST_PATH.takes(x, *params) else None
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +43,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast := _fast(x, self.weight):
+            return fast.rms_norm(x, self.weight, self.eps)
         # the gain goes inside: one call instead of two passes
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # no conversions to dispatch
@@ -56,6 +70,8 @@ class LayerNorm(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast := _fast(x, self.weight, self.bias):
+            return fast.layer_norm(x, self.weight, self.bias, self.eps)
         xs = _stat_dtype(x)
         out = F.layer_norm(xs, (x.shape[-1],), self.weight.to(xs.dtype), self.bias.to(xs.dtype), self.eps)
         return out.to(x.dtype)
@@ -85,6 +101,8 @@ class DyT(nn.Module):
         return self.alpha.to(x.dtype) * x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast := _fast(x, self.alpha, self.weight):
+            return fast.dyt(x, self.alpha, self.weight)
         return self.weight * torch.tanh(self.argument(x))
 
     def extra_repr(self) -> str:
@@ -116,6 +134,8 @@ class BHyT(nn.Module):
     @staticmethod
     def mean_square(x: torch.Tensor) -> torch.Tensor:
         """s2 = ms(x) in fp32, shape (..., 1)."""
+        if fast := _fast(x):
+            return fast.mean_square(x)
         return _stat_dtype(x).pow(2).mean(-1, keepdim=True)
 
     def argument(self, x: torch.Tensor, s2: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,9 +145,13 @@ class BHyT(nn.Module):
         return self.lam.to(x.dtype) * scale * x
 
     def apply(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        if fast := _fast(x, s2, self.lam, self.weight):
+            return fast.bhyt(x, s2, self.lam, self.weight, self.kappa, self.eps)
         return self.weight * torch.tanh(self.argument(x, s2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast := _fast(x, self.lam, self.weight):  # ms(x) and its gradient inside the kernels
+            return fast.bhyt(x, None, self.lam, self.weight, self.kappa, self.eps)
         return self.apply(x, self.mean_square(x))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,234 @@
+"""Fast CPU paths of the norm types: one C++ kernel per norm for the forward and one for the
+backward pass (``fused_norms.cpp``), each reading a row of x and dy once and writing a row of y
+or dx once, with hand-derived gradients for x, the gains, the scalars alpha / lam and BHyT's s2.
+
+Why a C++ extension (measured on a busy 2-core CPU, fp32, forward+backward as a fraction of
+copy bandwidth, 2.5 x time(dst.copy_(src)) / time(norm), medians of alternated rounds):
+``F.rms_norm`` is a composite of about 10 ATen ops on the CPU (0.03-0.16 at (4096, 512)); an
+``autograd.Function`` over eager ops is no better (0.04: still one pass per op);
+``torch.compile`` of the norm alone reached 0.25 but costs 17 s per process plus about 4 s per
+new shape, which every ``make demo`` worker and test process would pay. These kernels cost one
+build per machine (about 25 s of CPU time, a minute of wall time on a loaded machine; then
+0.03 s to load) and measured, reference -> fused:
+
+    shape              rmsnorm      layernorm    dyt          bhyt_star    bhyt apply(x, ms(x))
+    (4096, 512)        0.14 -> 0.58 0.36 -> 0.57 0.15 -> 0.53 0.10 -> 0.63 0.07 -> 0.25
+    (4096, 8, 64) QK   0.09 -> 0.50 0.45 -> 0.64 0.16 -> 0.71 0.10 -> 0.64 0.08 -> 0.23
+    (4096, 2048)       0.09 -> 0.83 0.26 -> 0.34 0.09 -> 0.33 0.06 -> 0.33 0.05 -> 0.21
+
+BHyT's shared-statistic path stays near 0.2: its two Functions and autograd's sum of their dx
+make 13 tensor passes instead of 5. At (4096, 2048) the fresh 32 MiB outputs come from mmap and
+page faults bound the time as much as the kernels do (glibc:
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` made the RMSNorm kernels several
+times faster there in a noisy measurement).
+
+The norm modules in ``norms.py`` call these kernels when ``FastPath.takes`` accepts the call
+and run their own formulas otherwise; those formulas stay the reference:
+
+- ``with reference_norms():`` or ``NORMLAB_NORMS=reference`` in the environment selects them;
+- fp64 (gradient checks), CUDA (the place for a GPU kernel is ``KERNELS``), autocast,
+  ``torch.compile`` tracing (inductor fuses the formulas itself) and ``torch.func`` transforms
+  run the reference;
+- bf16 inputs are converted to fp32 around the fp32 kernels (statistics are fp32 either way);
+- the backward passes are ``once_differentiable``: double backward raises an error (run it
+  under ``reference_norms()``);
+- a subclass that overrides ``argument``, ``apply`` or ``mean_square`` must override
+  ``forward`` too (the fused forward does not call them).
+
+The extension is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and
+``ninja``) and cached per CPU capability and torch version in ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); concurrent processes wait on the build's lock. When it cannot be
+built, every norm runs the reference after one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from normlab.nn import norms
+
+SOURCE = Path(__file__).with_name("fused_norms.cpp")
+
+#: device type -> the loaded kernels, or None once loading failed (CUDA: none yet)
+KERNELS: dict[str, object | None] = {}
+
+_reference_only = os.environ.get("NORMLAB_NORMS", "fast") == "reference"
+
+
+@contextlib.contextmanager
+def reference_norms():
+    """Run every norm's eager reference formula inside the block."""
+    global _reference_only
+    before, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = before
+
+
+def _cpu_kernels():
+    """The compiled extension (built on first call), or None with one warning when it cannot be."""
+    if "cpu" not in KERNELS:
+        from torch.utils import cpp_extension
+
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        torch_version = re.sub(r"\W", "_", torch.__version__)
+        flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+        flags += ["-mavx2", "-mfma"] if capability in ("avx2", "avx512") else []
+        try:
+            KERNELS["cpu"] = cpp_extension.load(
+                name=f"normlab_fused_norms_{capability}_torch{torch_version}",
+                sources=[str(SOURCE)],
+                extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        except Exception as error:  # no compiler, no ninja, no headers: the reference still works
+            warnings.warn(f"normlab: fast norm kernels unavailable, using the eager formulas ({error})",
+                          stacklevel=3)
+            KERNELS["cpu"] = None
+    return KERNELS["cpu"]
+
+
+class FastPath:
+    """What ``norms.py`` calls: ``takes`` decides, the other methods compute like the module
+    methods of the same name."""
+
+    @staticmethod
+    def takes(x: torch.Tensor, *params: torch.Tensor) -> bool:
+        """Whether the kernels compute this call: CPU, x fp32 or bf16, parameters fp32, outside
+        ``reference_norms``, compilation, autocast and torch.func."""
+        if (_reference_only or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+                or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params)
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or torch._C._are_functorch_transforms_active()):
+            return False
+        return _cpu_kernels() is not None
+
+    @staticmethod
+    def rms_norm(x, weight, eps: float):
+        return _RMSNorm.apply(x, weight, eps)
+
+    @staticmethod
+    def layer_norm(x, weight, bias, eps: float):
+        return _LayerNorm.apply(x, weight, bias, eps)
+
+    @staticmethod
+    def dyt(x, alpha, weight):
+        return _DyT.apply(x, alpha, weight)
+
+    @staticmethod
+    def mean_square(x):
+        return _MeanSquare.apply(x)
+
+    @staticmethod
+    def bhyt(x, s2, lam, weight, kappa: float, eps: float):
+        """BHyT with the statistic s2 of shape (..., 1), or ms(x) computed inside when s2 is None."""
+        if s2 is not None and s2.shape != (*x.shape[:-1], 1):
+            s2 = s2.expand(*x.shape[:-1], 1)
+        return _BHyT.apply(x, s2, lam, weight, kappa, eps)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous fp32 rows (N, D)."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rows = _rows(x)
+        y, r = KERNELS["cpu"].rms_norm_forward(rows, weight.contiguous(), eps)
+        ctx.save_for_backward(rows, weight, r)
+        ctx.x_dtype = x.dtype
+        return y.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        rows, weight, r = ctx.saved_tensors
+        dx, dw = KERNELS["cpu"].rms_norm_backward(_rows(dy), rows, weight.contiguous(), r)
+        return dx.view(dy.shape).to(ctx.x_dtype), dw, None
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        rows = _rows(x)
+        y, mean, r = KERNELS["cpu"].layer_norm_forward(rows, weight.contiguous(), bias.contiguous(), eps)
+        ctx.save_for_backward(rows, weight, mean, r)
+        ctx.x_dtype = x.dtype
+        return y.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        rows, weight, mean, r = ctx.saved_tensors
+        dx, dw, db = KERNELS["cpu"].layer_norm_backward(_rows(dy), rows, weight.contiguous(), mean, r)
+        return dx.view(dy.shape).to(ctx.x_dtype), dw, db, None
+
+
+class _DyT(torch.autograd.Function):
+    """y in the reference's dtype: weight * tanh(.) promotes bf16 x to fp32."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight):
+        rows = _rows(x)
+        y = KERNELS["cpu"].dyt_forward(rows, alpha, weight.contiguous())
+        ctx.save_for_backward(rows, alpha, weight)
+        ctx.x_dtype = x.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        rows, alpha, weight = ctx.saved_tensors
+        dx, dalpha, dw = KERNELS["cpu"].dyt_backward(_rows(dy), rows, alpha, weight.contiguous())
+        return dx.view(dy.shape).to(ctx.x_dtype), dalpha, dw
+
+
+class _MeanSquare(torch.autograd.Function):
+    """s2 = ms(x) in fp32, shape (..., 1)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = _rows(x)
+        ctx.save_for_backward(rows)
+        ctx.x_dtype = x.dtype
+        return KERNELS["cpu"].mean_square_forward(rows).view(*x.shape[:-1], 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds2):
+        (rows,) = ctx.saved_tensors
+        dx = KERNELS["cpu"].mean_square_backward(ds2.reshape(-1).contiguous(), rows)
+        return dx.view(*ds2.shape[:-1], rows.shape[1]).to(ctx.x_dtype)
+
+
+class _BHyT(torch.autograd.Function):
+    """s2 None: BHyT* (ms(x) inside, its gradient folded into dx); else the gradient reaches s2."""
+
+    @staticmethod
+    def forward(ctx, x, s2, lam, weight, kappa, eps):
+        rows = _rows(x)
+        given = torch.empty(0) if s2 is None else s2.reshape(-1).to(torch.float32).contiguous()
+        y, stat = KERNELS["cpu"].bhyt_forward(rows, given, lam, weight.contiguous(), kappa, eps)
+        ctx.save_for_backward(rows, stat, lam, weight)
+        ctx.exact, ctx.kappa, ctx.eps, ctx.x_dtype = s2 is None, kappa, eps, x.dtype
+        ctx.s2_shape = None if s2 is None else s2.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        rows, stat, lam, weight = ctx.saved_tensors
+        dx, ds2, dlam, dw = KERNELS["cpu"].bhyt_backward(
+            _rows(dy), rows, stat, lam, weight.contiguous(), ctx.kappa, ctx.eps, ctx.exact)
+        ds2 = None if ctx.exact else ds2.view(ctx.s2_shape)
+        return dx.view(dy.shape).to(ctx.x_dtype), ds2, dlam, dw, None, None
+
+
+norms.FAST_PATH = FastPath
