@@ -115,9 +115,9 @@ def test_memory_peak():
 
 @pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler")
 def test_compiled_norm_path():
-    figures = bench_norms(((64, 32),), rounds=1, device=torch.device("cpu"), paths=("eager", "compiled"),
+    figures = bench_norms(((64, 32),), rounds=1, device=torch.device("cpu"), paths=("reference", "compiled"),
                           kinds=["rmsnorm"], number=1)
-    assert [f.name for f in figures] == ["rmsnorm, eager, 64x32", "rmsnorm, compiled, 64x32"]
+    assert [f.name for f in figures] == ["rmsnorm, reference, 64x32", "rmsnorm, compiled, 64x32"]
     assert "first call" in figures[1].seconds and "first call" not in figures[0].seconds
     assert all(f.value > 0 and f.unit == "fraction of copy" for f in figures)
 
@@ -126,7 +126,7 @@ def test_bench_writes_json_and_markdown(tmp_path, capsys):
     targets = {"tiny": Sizes(d_model=32, n_layers=2, n_heads=2, seq_len=16, batch=2, vocab=64, ffn_hidden=64)}
     sections = ["transformers", "generation", "moe", "strategies", "memory", "norms"]
     result = run_bench(TINY, rounds=1, strategies=["bhyt", "bhyt_star"], sections=sections,
-                       out=tmp_path / "out", targets=targets, norm_shapes=((64, 32),), norm_paths=("eager",))
+                       out=tmp_path / "out", targets=targets, norm_shapes=((64, 32),), norm_paths=("fast",))
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert saved["figures"] == result["figures"] and saved["setup"]["sizes"]["d_model"] == 32
     assert saved["machine"]["matmul_gflops_fp32"] > 0 and saved["machine"]["threads"] >= 1
@@ -138,8 +138,8 @@ def test_bench_writes_json_and_markdown(tmp_path, capsys):
     memory = figures["peak memory of a train step, bhyt"]
     assert memory["value"] == pytest.approx(memory["parts"]["resident"] + memory["parts"]["step_peak"])
     norms = [f["name"] for f in saved["figures"] if f["section"] == "norms"]
-    assert norms == ["rmsnorm, eager, 64x32", "layernorm, eager, 64x32", "dyt, eager, 64x32",
-                     "bhyt_star, eager, 64x32", "bhyt (attention site), eager, 64x32", "bhyt (FFN site), eager, 64x32"]
+    assert norms == ["rmsnorm, fast, 64x32", "layernorm, fast, 64x32", "dyt, fast, 64x32",
+                     "bhyt_star, fast, 64x32", "bhyt (attention site), fast, 64x32", "bhyt (FFN site), fast, 64x32"]
     assert all(f["iqr"][0] <= f["value"] <= f["iqr"][1] for f in saved["figures"] if f["iqr"])
     if pytest.importorskip("transformers"):
         shares = [f for f in saved["figures"] if f["unit"] == "share"]

@@ -19,7 +19,7 @@ Sections (``SECTIONS``, run in this order):
 - strategies: each strategy's train step / pre_norm, and bhyt / bhyt_star;
 - memory: peak memory of one train step per strategy (``step_memory``);
 - norms: each norm type's forward+backward as a fraction of copy bandwidth (``copy_fraction``),
-  once per way of running it (``NORM_PATHS``: eager, compiled).
+  once per way of running it (``NORM_PATHS``: reference, fast, compiled).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch import nn
 
 from normlab.config import ModelConfig, TrainConfig
 from normlab.errors import ConfigError
+from normlab.nn import reference_norms
 from normlab.nn.model import build_model
 from normlab.nn.registry import NORMS, make_norm, shares_statistic
 from normlab.strategies import STRATEGIES
@@ -89,10 +90,20 @@ NORM_SHAPES = ((4096, 512), (4096, 2048))
 #: pass of a copy (read src, write dst = 2 passes): 5 / 2
 COPY_PASSES = 2.5
 
+def _reference(module: nn.Module) -> Callable:
+    """``module`` run on its eager formulas (``normlab.nn.reference_norms``)."""
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        with reference_norms():
+            return module(*args)
+    return call
+
+
 #: how the norm section runs a norm module: name -> function of the module returning what is
-#: called. A faster path (a fused kernel, a custom autograd Function) is one more entry.
+#: called. "fast" is what normlab runs by default (the fused CPU kernels of normlab.nn.fused
+#: where they take the call); "reference" the eager formulas; "compiled" torch.compile of them.
 NORM_PATHS: dict[str, Callable[[nn.Module], Callable]] = {
-    "eager": lambda module: module,
+    "reference": _reference,
+    "fast": lambda module: module,
     "compiled": functools.partial(torch.compile, dynamic=False),
 }
 
@@ -568,7 +579,7 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
                     module = wrap(norm) if wrap else norm
                     call = _norm_call(NORM_PATHS[path](module), inputs, grad, list(norm.parameters()))
                     name = f"{label}, {path}"
-                    if path != "eager":
+                    if path != "reference":  # the first call builds/loads the kernels or compiles
                         start = time.perf_counter()
                         try:
                             call()
@@ -586,7 +597,7 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
                 seconds["first call"] = first_call[name]
             figures.append(Figure("norms", f"{name}, {tokens}x{width}", fraction["fraction"], FRACTION,
                                   fraction["iqr"], seconds, {"tokens": tokens, "width": width, "dtype": "float32"},
-                                  "the first call compiles (or loads from the inductor cache); "
+                                  "the first call builds or loads the kernels (fast) or compiles (compiled); "
                                   "it is not in the timings" if name in first_call else "",
                                   rounds={"forward+backward": times.samples[name], "copy": times.samples["copy"]}))
     return figures

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,16 @@ def reference_norms():
         _reference_only = before
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; a venv's own (the ``ninja`` package, a normlab
+    dependency) is not on it unless the venv is activated, so add its directory."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _cpu_kernels():
     """The compiled extension (built on first call), or None with one warning when it cannot be."""
     if "cpu" not in KERNELS:
@@ -81,6 +92,7 @@ def _cpu_kernels():
         torch_version = re.sub(r"\W", "_", torch.__version__)
         flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
         flags += ["-mavx2", "-mfma"] if capability in ("avx2", "avx512") else []
+        _put_ninja_on_path()
         try:
             KERNELS["cpu"] = cpp_extension.load(
                 name=f"normlab_fused_norms_{capability}_torch{torch_version}",
