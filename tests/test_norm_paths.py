@@ -97,6 +97,25 @@ def test_gradient_reaches_a_shared_statistic_as_in_the_reference():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_site_with_its_statistic_matches_reference(dtype):
+    """apply_with_statistic: (y, s2) from one kernel; the gradients of both outputs (s2 also
+    feeds the FFN site in a block) reach x, lam and g as in statistic-then-apply."""
+    def call(norm, x):
+        y, s2 = norm.apply_with_statistic(x)
+        return y * (1 + norm.statistic_after_attention(s2, torch.tensor(0.7)))
+
+    norm = random_norm("bhyt", 48)
+    x = (2 * torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(2))).to(dtype)
+    y, fast = forward_backward(norm, x, call)
+    assert type(y.grad_fn.next_functions[0][0]).__qualname__.startswith("_BHyTWithStatistic")
+    with fused.reference_norms():
+        reference = forward_backward(norm, x, call)[1]
+        exact = forward_backward(copy.deepcopy(norm).double(), x.double(), call)[1]
+    assert_same(fast, reference, dtype, exact)
+
+
 def test_fp64_and_reference_switch_run_the_formulas():
     norm = make_norm("rmsnorm", 8, CFG, "attn").double()
     assert not type(norm(torch.randn(2, 8, dtype=torch.float64, requires_grad=True)).grad_fn).__qualname__.startswith("_")

@@ -80,8 +80,12 @@ class Block(nn.Module):
         """(Y, s_ffn): Y = X + Attn(N1(X; s)) with s = N1.statistic(X), and the FFN site's
         statistic s_ffn = N1.statistic_after_attention(s, c_attn) (BHyT: approximates ms(Y))."""
         site1 = self.input_layernorm
-        stat = site1.statistic(x)
-        y = x + self.self_attn(site1.apply(x, stat), cos, sin, cache, mask)
+        if hasattr(site1, "apply_with_statistic"):  # optional: both in one pass
+            normed, stat = site1.apply_with_statistic(x)
+        else:
+            stat = site1.statistic(x)
+            normed = site1.apply(x, stat)
+        y = x + self.self_attn(normed, cos, sin, cache, mask)
         return y, site1.statistic_after_attention(stat, self.c_attn)
 
     @torch.no_grad()

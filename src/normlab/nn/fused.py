@@ -143,6 +143,11 @@ class FastPath:
             s2 = s2.expand(*x.shape[:-1], 1)
         return _BHyT.apply(x, s2, lam, weight, kappa, eps)
 
+    @staticmethod
+    def bhyt_with_statistic(x, lam, weight, kappa: float, eps: float):
+        """(BHyT(x; ms(x)), ms(x)): the statistic and the norm of a BHyT block's attention site."""
+        return _BHyTWithStatistic.apply(x, lam, weight, kappa, eps)
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as contiguous fp32 rows (N, D)."""
@@ -238,9 +243,33 @@ class _BHyT(torch.autograd.Function):
     def backward(ctx, dy):
         rows, stat, lam, weight = ctx.saved_tensors
         dx, ds2, dlam, dw = KERNELS["cpu"].bhyt_backward(
-            _rows(dy), rows, stat, lam, weight.contiguous(), ctx.kappa, ctx.eps, ctx.exact)
+            _rows(dy), rows, stat, lam, weight.contiguous(), ctx.kappa, ctx.eps, ctx.exact, torch.empty(0))
         ds2 = None if ctx.exact else ds2.view(ctx.s2_shape)
         return dx.view(dy.shape).to(ctx.x_dtype), ds2, dlam, dw, None, None
+
+
+class _BHyTWithStatistic(torch.autograd.Function):
+    """(y, s2) = (BHyT(x; ms(x)), ms(x)) in one pass each way: the attention site of a BHyT block,
+    whose s2 also feeds the FFN site; that gradient joins dx in the backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, lam, weight, kappa, eps):
+        rows = _rows(x)
+        y, stat = KERNELS["cpu"].bhyt_forward(rows, torch.empty(0), lam, weight.contiguous(), kappa, eps)
+        ctx.save_for_backward(rows, stat, lam, weight)
+        ctx.kappa, ctx.eps, ctx.x_dtype, ctx.x_shape = kappa, eps, x.dtype, x.shape
+        ctx.set_materialize_grads(False)
+        return y.view(x.shape), stat.view(*x.shape[:-1], 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, ds2):
+        rows, stat, lam, weight = ctx.saved_tensors
+        dy = torch.zeros(rows.shape, dtype=torch.float32) if dy is None else _rows(dy)
+        ds2 = torch.empty(0) if ds2 is None else ds2.reshape(-1).to(torch.float32).contiguous()
+        dx, _, dlam, dw = KERNELS["cpu"].bhyt_backward(
+            dy, rows, stat, lam, weight.contiguous(), ctx.kappa, ctx.eps, True, ds2)
+        return dx.view(ctx.x_shape).to(ctx.x_dtype), dlam, dw, None, None
 
 
 norms.FAST_PATH = FastPath

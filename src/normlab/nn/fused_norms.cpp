@@ -317,8 +317,8 @@ std::tuple<at::Tensor, at::Tensor> bhyt_forward(at::Tensor x, at::Tensor s2, at:
 // dx = k h (+ ds2 * 2 x / D when exact);  ds2 = -S lam r^3 / (2 kappa);  dlam = sum_rows S r / kappa;  dg = sum dy t.
 // sums: row 0 dg, row 1 channel 0 dlam.
 void bhyt_backward_rows(const float* dy, const float* x, const float* s2, float lk, const float* g, float kappa,
-                        float eps, bool exact, float* dx, float* ds2, float* sums, int64_t begin, int64_t end,
-                        int64_t D) {
+                        float eps, bool exact, const float* ds2_out, float* dx, float* ds2, float* sums,
+                        int64_t begin, int64_t end, int64_t D) {
   float* dg = sums;
   for (int64_t n = begin; n < end; ++n) {
     const float *xr = x + n * D, *dyr = dy + n * D;
@@ -335,8 +335,8 @@ void bhyt_backward_rows(const float* dy, const float* x, const float* s2, float 
     }
     sums[D] += shx * rn / kappa;
     const float d_s2 = -0.5f * shx * lk * rn * rn * rn;
-    if (exact) {
-      const float c = 2.f * d_s2 / D;
+    if (exact) {  // the gradient reaching s2 through the norm, plus any from s2 as an output
+      const float c = 2.f * (d_s2 + (ds2_out ? ds2_out[n] : 0.f)) / D;
 #pragma omp simd
       for (int64_t i = 0; i < D; ++i) dxr[i] += c * xr[i];
     } else {
@@ -345,16 +345,19 @@ void bhyt_backward_rows(const float* dy, const float* x, const float* s2, float 
   }
 }
 
-// Returns (dx, ds2 (shape (N); empty when exact), dlam, dg).
+// Returns (dx, ds2 (shape (N); empty when exact), dlam, dg). When exact, ds2_out (shape (N), or
+// empty) is the gradient of the s2 that bhyt_forward returned, used downstream (BHyT's shared
+// statistic): it joins dx in the same pass.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bhyt_backward(
     at::Tensor dy, at::Tensor x, at::Tensor s2, at::Tensor lam, at::Tensor g, double kappa,
-    double eps, bool exact) {
+    double eps, bool exact, at::Tensor ds2_out) {
   const int64_t N = x.size(0), D = x.size(1);
   auto dx = at::empty_like(x);
   auto ds2 = at::empty({exact ? 0 : N}, x.options());
   const float lk = lam.item<float>() / (float)kappa;
   auto sums = parallel_rows_with_sums(N, D, 2, [&](int64_t begin, int64_t end, float* sums) {
-    bhyt_backward_rows(in(dy), in(x), in(s2), lk, in(g), kappa, eps, exact, out(dx), out(ds2), sums, begin, end, D);
+    bhyt_backward_rows(in(dy), in(x), in(s2), lk, in(g), kappa, eps, exact,
+                       ds2_out.numel() ? in(ds2_out) : nullptr, out(dx), out(ds2), sums, begin, end, D);
   });
   return {dx, ds2, sums[1].narrow(0, 0, 1).clone(), sums[0]};
 }

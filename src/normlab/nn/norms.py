@@ -167,6 +167,13 @@ class SharedBHyT(BHyT):
     def statistic(self, x: torch.Tensor) -> torch.Tensor:
         return self.mean_square(x)
 
+    def apply_with_statistic(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(apply(x, s2), s2) with s2 = statistic(x): one fused pass on the fast path."""
+        if fast := _fast(x, self.lam, self.weight):
+            return fast.bhyt_with_statistic(x, self.lam, self.weight, self.kappa, self.eps)
+        s2 = self.statistic(x)
+        return self.apply(x, s2), s2
+
     def statistic_after_attention(self, s2: torch.Tensor, c_attn: torch.Tensor) -> torch.Tensor:
         """s2_hat = s2 + c_attn * sg(lam)^2 / kappa^2 (called on the attention-site norm)."""
         return s2 + c_attn * self.lam.detach() ** 2 / self.kappa**2

@@ -11,7 +11,9 @@ Optional class attributes and methods the model reads:
   and final norm then default to RMSNorm and may not use it (BHyT).
 - ``statistic(x)``, ``apply(x, stat)`` and ``statistic_after_attention(stat, c_attn)``: the
   block computes the statistic once from its input X at the attention site and hands the FFN
-  site ``statistic_after_attention(stat, c_attn)`` instead of a statistic of Y (BHyT).
+  site ``statistic_after_attention(stat, c_attn)`` instead of a statistic of Y (BHyT);
+  with ``apply_with_statistic(x) -> (apply(x, stat), stat)`` it asks for both at once (a fused
+  kernel can then read x once).
 - ``argument(x)``: what goes into a squashing function (tanh, erf); diagnostics report the
   share of |argument| > 2 as saturation.
 
