@@ -390,7 +390,7 @@ def test_compile_auto_follows_the_measured_break_even(tmp_path, fake_compile):
     assert fake_compile == []
     log.put(key, CompileMeasurement(compile_s=1.0, eager_s=1.0, compiled_s=0.5))  # saves 5 s: yes
     train(cfg, tmp_path / "pays", progress=False)
-    assert len(fake_compile) == 9  # every step after the first (decided after step 1)
+    assert len(fake_compile) == 10  # every step (decided before the first)
     fake_compile.clear()
     path = log.path
     entries = json.loads(path.read_text())

@@ -41,7 +41,7 @@ from normlab.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from normlab.train.compile import PROBE_STEPS, CompileLog, measure, signature
+from normlab.train.compile import PROBE_STEPS, CompileLog, CompileMeasurement, measure, signature
 from normlab.train.distributed import World
 from normlab.train.optim import build_optimizer, build_scheduler, lr_factor
 from normlab.train.rundir import RunDir
@@ -346,6 +346,9 @@ class Trainer:
     def _loop(self, bar: tqdm, stop: _StopRequest) -> TrainResult:
         t = self.cfg.train
         window_time, window_tokens = 0.0, 0  # tokens/s counts training, not eval or checkpoints
+        if self.auto_compile is not None:
+            self.forward = self.auto_compile.before_first_step(t.max_steps - self.step, self.parallel, self.compiled,
+                                                               self.progress)
         while self.step < t.max_steps:
             started = time.perf_counter()
             loss, grad_norm, moe = self._train_step()
@@ -466,26 +469,34 @@ class _AutoCompile:
         self.compiled: list[float] = []
         self.choice: bool | None = None
 
-    def after_step(self, seconds: float, steps_left: int, eager: Any, compiled: Any, progress: bool) -> Any:
-        """The callable for the next step, given the last step's time."""
-        if self.choice is None:
-            measurement = self.known
-            if measurement is None:
-                (self.compiled if len(self.eager) == PROBE_STEPS else self.eager).append(seconds)
-                if len(self.compiled) < PROBE_STEPS and steps_left > PROBE_STEPS:
-                    return compiled if len(self.eager) == PROBE_STEPS else eager  # still probing
-                if len(self.compiled) < PROBE_STEPS:  # too short to finish probing: eager, nothing recorded
-                    self.choice = False
-                    return eager
-                measurement = measure(self.eager, self.compiled)
-                if self.world.is_main:
-                    self.log.put(self.key, measurement)
-            self.choice = distributed.any_rank(self.world, measurement.pays(steps_left))
-            if progress:
-                print(f"train.compile=auto: {'compiled' if self.choice else 'eager'} for the {steps_left} steps left "
-                      f"(measured: compile {measurement.compile_s:.1f} s, step {measurement.eager_s * 1e3:.0f} ms eager, "
-                      f"{measurement.compiled_s * 1e3:.0f} ms compiled)", file=sys.stderr, flush=True)
+    def before_first_step(self, steps_left: int, eager: Any, compiled: Any, progress: bool) -> Any:
+        """The callable for the first step: decided now when this machine has a measurement, else
+        eager (the probe starts)."""
+        if self.known is not None:
+            self._decide(self.known, steps_left, progress)
         return compiled if self.choice else eager
+
+    def after_step(self, seconds: float, steps_left: int, eager: Any, compiled: Any, progress: bool) -> Any:
+        """The callable for the next step, given the last step's time (probing until decided)."""
+        if self.choice is None:
+            (self.compiled if len(self.eager) == PROBE_STEPS else self.eager).append(seconds)
+            if len(self.compiled) < PROBE_STEPS and steps_left > PROBE_STEPS:
+                return compiled if len(self.eager) == PROBE_STEPS else eager  # still probing
+            if len(self.compiled) < PROBE_STEPS:  # too short to finish probing: eager, nothing recorded
+                self.choice = False
+                return eager
+            measurement = measure(self.eager, self.compiled)
+            if self.world.is_main:
+                self.log.put(self.key, measurement)
+            self._decide(measurement, steps_left, progress)
+        return compiled if self.choice else eager
+
+    def _decide(self, measurement: CompileMeasurement, steps_left: int, progress: bool) -> None:
+        self.choice = distributed.any_rank(self.world, measurement.pays(steps_left))
+        if progress:
+            print(f"train.compile=auto: {'compiled' if self.choice else 'eager'} for the {steps_left} steps left "
+                  f"(measured: compile {measurement.compile_s:.1f} s, step {measurement.eager_s * 1e3:.0f} ms eager, "
+                  f"{measurement.compiled_s * 1e3:.0f} ms compiled)", file=sys.stderr, flush=True)
 
 
 def _tensorboard(path: Path):
