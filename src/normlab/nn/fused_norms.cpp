@@ -209,24 +209,29 @@ at::Tensor dyt_forward(at::Tensor x, at::Tensor alpha, at::Tensor g) {
   return y;
 }
 
+// One row of the backward of y = g tanh(k x): t = tanh(k x), h = g dy (1 - t^2); writes dx = k h,
+// adds dy t to dg and returns sum h x (what the gradients of k and, for BHyT, s2 are made of).
+inline float tanh_norm_backward_row(const float* xr, const float* dyr, const float* g, float k, float* dg,
+                                    float* dxr, int64_t D) {
+  float shx = 0.f;
+#pragma omp simd reduction(+ : shx)
+  for (int64_t i = 0; i < D; ++i) {
+    const float t = fast_tanh(k * xr[i]);
+    const float h = g[i] * dyr[i] * (1.f - t * t);
+    dg[i] += dyr[i] * t;
+    shx += h * xr[i];
+    dxr[i] = k * h;
+  }
+  return shx;
+}
+
 // t = tanh(alpha x), h = g dy (1 - t^2):  dx = alpha h;  dalpha = sum h x;  dg = sum dy t
 // sums: row 0 dg, row 1 channel 0 dalpha.
 void dyt_backward_rows(const float* dy, const float* x, float alpha, const float* g, float* dx, float* sums,
                        int64_t begin, int64_t end, int64_t D) {
   float* dg = sums;
   for (int64_t n = begin; n < end; ++n) {
-    const float *xr = x + n * D, *dyr = dy + n * D;
-    float* dxr = dx + n * D;
-    float shx = 0.f;
-#pragma omp simd reduction(+ : shx)
-    for (int64_t i = 0; i < D; ++i) {
-      const float t = fast_tanh(alpha * xr[i]);
-      const float h = g[i] * dyr[i] * (1.f - t * t);
-      dg[i] += dyr[i] * t;
-      shx += h * xr[i];
-      dxr[i] = alpha * h;
-    }
-    sums[D] += shx;
+    sums[D] += tanh_norm_backward_row(x + n * D, dy + n * D, g, alpha, dg, dx + n * D, D);
   }
 }
 
@@ -321,18 +326,10 @@ void bhyt_backward_rows(const float* dy, const float* x, const float* s2, float 
                         int64_t begin, int64_t end, int64_t D) {
   float* dg = sums;
   for (int64_t n = begin; n < end; ++n) {
-    const float *xr = x + n * D, *dyr = dy + n * D;
+    const float *xr = x + n * D;
     float* dxr = dx + n * D;
     const float rn = 1.f / std::sqrt(s2[n] + eps), k = lk * rn;
-    float shx = 0.f;
-#pragma omp simd reduction(+ : shx)
-    for (int64_t i = 0; i < D; ++i) {
-      const float t = fast_tanh(k * xr[i]);
-      const float h = g[i] * dyr[i] * (1.f - t * t);
-      dg[i] += dyr[i] * t;
-      shx += h * xr[i];
-      dxr[i] = k * h;
-    }
+    const float shx = tanh_norm_backward_row(xr, dy + n * D, g, k, dg, dxr, D);
     sums[D] += shx * rn / kappa;
     const float d_s2 = -0.5f * shx * lk * rn * rn * rn;
     if (exact) {  // the gradient reaching s2 through the norm, plus any from s2 as an output
