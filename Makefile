@@ -5,8 +5,6 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= hf,tb,eval,dev
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.normlab-installed
-# the venv's tools first: torch builds normlab's fused norm kernels with the venv's `ninja`
-export PATH := $(abspath $(BIN)):$(PATH)
 DEMO_OUT   ?= runs/demo
 DEMO_STRATEGIES ?= pre_norm,post_norm,mixln,hybridnorm,hybridnorm_star,dyt,bhyt
 
