@@ -10,6 +10,7 @@ import torch
 
 from normlab import ModelConfig, build_model
 from normlab.nn import fused
+from normlab.nn.attention import apply_rope, rope_tables
 from normlab.nn.registry import is_norm, make_norm
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -139,6 +140,58 @@ def test_double_backward_is_refused_on_the_fast_path():
     (grad,) = torch.autograd.grad(norm(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+def grads_of(fn, *inputs: torch.Tensor, reference: bool):
+    """(output, grads of the inputs) of sum(fn(*inputs) * fixed random weights), on one path."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    with fused.reference_norms() if reference else contextlib.nullcontext():
+        y = fn(*inputs)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)))
+    return [y.detach()] + [t.grad for t in inputs]
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_fused_rope_matches_the_formula(heads_first):
+    """x (B, H, T, d) as attention makes it (a transposed view of (B, T, H, d)) or contiguous;
+    the rotation by hand: [a, b] -> [a cos - b sin, b cos + a sin] on the two halves."""
+    batch, seq, heads, dim = 2, 9, 3, 8
+    cos, signed_sin = rope_tables(dim, 16, 10000.0)
+    cos, signed_sin = cos[:seq], signed_sin[:seq]
+    x = torch.randn(batch, seq, heads, dim).transpose(1, 2)
+    x = x if heads_first else x.contiguous()
+
+    def rope(t):
+        return apply_rope(t, cos, signed_sin)
+
+    assert fused.FastPath.takes_elementwise(x, cos, signed_sin)
+    fast, reference = grads_of(rope, x, reference=False), grads_of(rope, x, reference=True)
+    assert fast[0].stride() == x.stride()  # SDPA gets the layout it got before
+    half = dim // 2
+    angle_cos, angle_sin = cos[:, :half], signed_sin[:, half:]
+    a, b = x[..., :half], x[..., half:]
+    by_hand = torch.cat([a * angle_cos - b * angle_sin, b * angle_cos + a * angle_sin], -1)
+    torch.testing.assert_close(fast[0], by_hand, rtol=1e-6, atol=1e-6)
+    for got, want in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_fused_swiglu_matches_the_formula():
+    gate, up = 4 * torch.randn(5, 7, 40), torch.randn(5, 7, 40)  # |gate| up to ~15: both tails of silu
+    fast = grads_of(fused.FastPath.swiglu, gate, up, reference=False)
+    reference = grads_of(lambda g, u: torch.nn.functional.silu(g) * u, gate, up, reference=True)
+    for got, want in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_and_swiglu_take_the_formulas_off_the_cpu_fp32_path():
+    x, table = torch.randn(1, 2, 3, 4), torch.randn(3, 4)
+    assert not fused.FastPath.takes_elementwise(x.double(), table.double())
+    assert not fused.FastPath.takes_elementwise(x.bfloat16(), table)
+    with fused.reference_norms():
+        assert not fused.FastPath.takes_elementwise(x, table)
 
 
 @pytest.mark.parametrize("strategy", ["pre_norm", "hybridnorm", "peri_norm", "dyt", "bhyt", "bhyt_star"])

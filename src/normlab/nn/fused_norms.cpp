@@ -359,6 +359,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bhyt_backward(
   return {dx, ds2, sums[1].narrow(0, 0, 1).clone(), sums[0]};
 }
 
+// ---------------------------------------------------------------- RoPE and SwiGLU (the block's other elementwise work)
+
+// RoPE in the half-rotation layout, y_i = x_i c_i + x_{i+h} s_i and y_{i+h} = x_{i+h} c_{i+h} + x_i s_{i+h}
+// (h = D/2, s the signed sin table), on x of shape (B, H, T, D) with any strides but a unit last
+// one; c and s are (T, D). The map is linear and pairs i with i+h, so its transpose (the backward
+// pass) is the same loop with the partners' sin entries: dx_i = dy_i c_i + dy_{i+h} s_{i+h}.
+at::Tensor rope(at::Tensor x, at::Tensor c, at::Tensor s, bool transpose) {
+  const int64_t H = x.size(1), T = x.size(2), D = x.size(3), h = D / 2;
+  auto y = at::empty_like(x);
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
+  const int64_t ys0 = y.stride(0), ys1 = y.stride(1), ys2 = y.stride(2);
+  const float *xp = in(x), *cp = in(c), *sp = in(s);
+  float* yp = out(y);
+  at::parallel_for(0, x.size(0) * H * T, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / (H * T), head = (n / T) % H, t = n % T;
+      const float* xr = xp + b * xs0 + head * xs1 + t * xs2;
+      float* yr = yp + b * ys0 + head * ys1 + t * ys2;
+      const float *cr = cp + t * D, *sr = sp + t * D;
+      const float *s_lo = transpose ? sr + h : sr, *s_hi = transpose ? sr : sr + h;
+#pragma omp simd
+      for (int64_t i = 0; i < h; ++i) {
+        const float lo = xr[i], hi = xr[i + h];
+        yr[i] = lo * cr[i] + hi * s_lo[i];
+        yr[i + h] = hi * cr[i + h] + lo * s_hi[i];
+      }
+    }
+  });
+  return y;
+}
+
+// SwiGLU's gate, y = silu(g) u with silu(g) = g sigmoid(g) and sigmoid(g) = (1 + tanh(g/2)) / 2,
+// on contiguous g and u of the same shape.
+at::Tensor swiglu_forward(at::Tensor g, at::Tensor u) {
+  auto y = at::empty_like(g);
+  const float *gp = in(g), *up = in(u);
+  float* yp = out(y);
+  at::parallel_for(0, g.numel(), 4096, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const float sig = 0.5f + 0.5f * fast_tanh(0.5f * gp[i]);
+      yp[i] = gp[i] * sig * up[i];
+    }
+  });
+  return y;
+}
+
+// du = dy silu(g);  dg = dy u sigmoid(g) (1 + g (1 - sigmoid(g)))
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(at::Tensor dy, at::Tensor g, at::Tensor u) {
+  auto dg = at::empty_like(g);
+  auto du = at::empty_like(u);
+  const float *dyp = in(dy), *gp = in(g), *up = in(u);
+  float *dgp = out(dg), *dup = out(du);
+  at::parallel_for(0, g.numel(), 4096, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const float sig = 0.5f + 0.5f * fast_tanh(0.5f * gp[i]);
+      dup[i] = dyp[i] * gp[i] * sig;
+      dgp[i] = dyp[i] * up[i] * sig * (1.f + gp[i] * (1.f - sig));
+    }
+  });
+  return {dg, du};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -372,4 +436,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mean_square_backward", &mean_square_backward);
   m.def("bhyt_forward", &bhyt_forward);
   m.def("bhyt_backward", &bhyt_backward);
+  m.def("rope", &rope);
+  m.def("swiglu_forward", &swiglu_forward);
+  m.def("swiglu_backward", &swiglu_backward);
 }

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.nn.norms import fast_elementwise
+
 
 class SwiGLU(nn.Module):
     """FFN(x) = W_down (silu(W_gate x) * W_up x)."""
@@ -17,4 +19,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fast := fast_elementwise(gate, up):
+            return self.down_proj(fast.swiglu(gate, up))  # one fused kernel each way
+        return self.down_proj(F.silu(gate) * up)

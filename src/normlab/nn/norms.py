@@ -25,6 +25,11 @@ def _fast(x: torch.Tensor, *params: torch.Tensor):
     return FAST_PATH if FAST_PATH is not None and FAST_PATH.takes(x, *params) else None
 
 
+def fast_elementwise(*tensors: torch.Tensor):
+    """FAST_PATH when its RoPE and SwiGLU kernels compute a call on these tensors, else None."""
+    return FAST_PATH if FAST_PATH is not None and FAST_PATH.takes_elementwise(*tensors) else None
+
+
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32 precision (bf16/fp16 are upcast, fp64 stays fp64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
