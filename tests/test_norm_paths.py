@@ -33,7 +33,7 @@ def forward_backward(norm, x: torch.Tensor, call):
     x = x.detach().clone().requires_grad_()
     norm.zero_grad(set_to_none=True)
     y = call(norm, x)
-    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    (y.float() * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
     return y, [y.detach(), x.grad] + [p.grad for p in norm.parameters()]
 
 
