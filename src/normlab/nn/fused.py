@@ -1,6 +1,8 @@
-"""Fast CPU paths of the norm types: one C++ kernel per norm for the forward and one for the
-backward pass (``fused_norms.cpp``), each reading a row of x and dy once and writing a row of y
-or dx once, with hand-derived gradients for x, the gains, the scalars alpha / lam and BHyT's s2.
+"""Fast paths of the norm types and their dispatch per device. On the CPU: one C++ kernel per
+norm for the forward and one for the backward pass (``fused_norms.cpp``), each reading a row of
+x and dy once and writing a row of y or dx once, with hand-derived gradients for x, the gains,
+the scalars alpha / lam and BHyT's s2. On CUDA: ``triton_norms`` (imported on the first CUDA
+call).
 
 Why a C++ extension (measured on a busy 2-core CPU, fp32, forward+backward as a fraction of
 copy bandwidth, 2.5 x time(dst.copy_(src)) / time(norm), medians of alternated rounds):

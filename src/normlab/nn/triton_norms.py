@@ -136,8 +136,8 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x, s2, scale, weight, kappa, eps, statistic: bool):
-    """(y rows, s2 rows in fp32): s2 is ms(x), computed, when ``statistic`` and s2 is None
-    (BHyT*); the given s2 when there is one; for DyT (not ``statistic``) None."""
+    """(x rows, y rows, s2 per row in fp32): s2 is ms(x), computed, when ``statistic`` and s2 is
+    None (BHyT*); the given s2 when there is one; for DyT (not ``statistic``) None."""
     rows = _as_rows(x)
     n, width = rows.shape
     exact = statistic and s2 is None
@@ -147,10 +147,11 @@ def _forward(x, s2, scale, weight, kappa, eps, statistic: bool):
             s2.expand(*x.shape[:-1], 1).reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block_d, per_program, warps = _tiling(width)
+    unused = scale  # a pointer for S2, which DyT does not read
     _tanh_norm_forward[(triton.cdiv(n, per_program),)](
-        rows, y, scale if stat is None else stat, weight.contiguous(), scale, n, width, eps, 1.0 / kappa,
+        rows, y, unused if stat is None else stat, weight.contiguous(), scale, n, width, eps, 1.0 / kappa,
         STATISTIC=statistic, EXACT=exact, ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
-    return y, stat
+    return rows, y, stat
 
 
 def _backward(dy, rows, stat, scale, weight, kappa, eps, statistic: bool, exact: bool, ds2_out=None):
@@ -177,8 +178,8 @@ class _DyT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, weight):
-        y, _ = _forward(x, None, alpha, weight, 1.0, 0.0, statistic=False)
-        ctx.save_for_backward(_as_rows(x), alpha, weight)
+        rows, y, _ = _forward(x, None, alpha, weight, 1.0, 0.0, statistic=False)
+        ctx.save_for_backward(rows, alpha, weight)
         return y.view(x.shape)
 
     @staticmethod
@@ -195,8 +196,8 @@ class _BHyT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s2, lam, weight, kappa, eps):
-        y, stat = _forward(x, s2, lam, weight, kappa, eps, statistic=True)
-        ctx.save_for_backward(_as_rows(x), stat, lam, weight)
+        rows, y, stat = _forward(x, s2, lam, weight, kappa, eps, statistic=True)
+        ctx.save_for_backward(rows, stat, lam, weight)
         ctx.kappa, ctx.eps = kappa, eps
         ctx.s2 = None if s2 is None else (s2.shape, s2.dtype)
         return y.view(x.shape)
@@ -219,8 +220,8 @@ class _BHyTWithStatistic(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lam, weight, kappa, eps):
-        y, stat = _forward(x, None, lam, weight, kappa, eps, statistic=True)
-        ctx.save_for_backward(_as_rows(x), stat, lam, weight)
+        rows, y, stat = _forward(x, None, lam, weight, kappa, eps, statistic=True)
+        ctx.save_for_backward(rows, stat, lam, weight)
         ctx.kappa, ctx.eps, ctx.x_shape = kappa, eps, x.shape
         ctx.set_materialize_grads(False)
         return y.view(x.shape), stat.view(*x.shape[:-1], 1)
