@@ -147,6 +147,39 @@ def test_tanh_is_accurate_everywhere(triton_on_cpu):
     assert ((y.double() - want)[small].abs() <= 2.4e-7 * want[small].abs()).all()
 
 
+VARIANTS = {"forward": [{"STATISTIC": False, "EXACT": False}, {"STATISTIC": True, "EXACT": False},
+                        {"STATISTIC": True, "EXACT": True}],
+            "backward": [{"STATISTIC": False, "EXACT": False, "HAS_DS2_OUT": False},
+                         {"STATISTIC": True, "EXACT": False, "HAS_DS2_OUT": False},
+                         {"STATISTIC": True, "EXACT": True, "HAS_DS2_OUT": False},
+                         {"STATISTIC": True, "EXACT": True, "HAS_DS2_OUT": True}]}
+
+
+@not_interpreted
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_a_gpu(dtype):
+    """Every kernel variant compiles to sm_90 machine code, no GPU needed: the interpreter runs
+    some programs the compiler rejects."""
+    from triton import compile as compile_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from normlab.nn import triton_norms
+
+    kernels = {"forward": triton_norms._tanh_norm_forward, "backward": triton_norms._tanh_norm_backward}
+    tensors = {"X", "DY", "DX", "G", "SCALE"}  # in x's or the parameters' dtype; the rest fp32
+    block_d, rows, warps = triton_norms._tiling(200)
+    for direction, kernel in kernels.items():
+        for flags in VARIANTS[direction]:
+            constexprs = {**flags, "ROWS": rows, "BLOCK_D": block_d}
+            signature = {name: "constexpr" if name in constexprs else "i32" if name in ("n_rows", "D")
+                         else "fp32" if name in ("eps", "inv_kappa") else f"*{dtype if name in tensors else 'fp32'}"
+                         for name in kernel.arg_names}
+            compiled = compile_kernel(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": warps})
+            assert compiled.asm["cubin"], (direction, flags)
+
+
 @not_interpreted
 def test_without_triton_cuda_runs_the_formulas_after_one_warning(monkeypatch):
     monkeypatch.setattr(fused, "KERNELS", {k: v for k, v in fused.KERNELS.items() if k != "cuda"})

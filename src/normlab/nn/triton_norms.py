@@ -12,8 +12,8 @@ gradient each; torch adds the partials.
 
 ``normlab.nn.fused`` imports this module on the first CUDA call, so CPU users never import
 triton. Tests run the kernels on CPU tensors under ``TRITON_INTERPRET=1``
-(``tests/test_triton_norms.py``); liger-kernel's kernels do not run under the interpreter and
-are tested on CUDA only. No GPU measurement exists yet: the tiling (``_tiling``) and the
+(``tests/test_triton_norms.py``), which also compiles them for an sm_90 GPU without one;
+liger-kernel's kernels do not run under the interpreter and are tested on CUDA only. No GPU measurement exists yet: the tiling (``_tiling``) and the
 choice between these kernels, liger-kernel's and ``torch.compile`` are for the first GPU
 session to measure (``normlab bench --device cuda --sections norms,transformers,strategies``).
 """
