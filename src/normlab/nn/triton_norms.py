@@ -20,6 +20,7 @@ session to measure (``normlab bench --device cuda --sections norms,transformers,
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -130,6 +131,11 @@ def _backward_programs(device: torch.device, blocks: int) -> int:
     return max(1, min(blocks, per_device))
 
 
+def _on_device_of(t: torch.Tensor):
+    """A context launching kernels on t's GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """t as contiguous rows (N, D) in its own dtype."""
     return t.reshape(-1, t.shape[-1]).contiguous()
@@ -148,9 +154,10 @@ def _forward(x, s2, scale, weight, kappa, eps, statistic: bool):
     y = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block_d, per_program, warps = _tiling(width)
     unused = scale  # a pointer for S2, which DyT does not read
-    _tanh_norm_forward[(triton.cdiv(n, per_program),)](
-        rows, y, unused if stat is None else stat, weight.contiguous(), scale, n, width, eps, 1.0 / kappa,
-        STATISTIC=statistic, EXACT=exact, ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
+    with _on_device_of(x):
+        _tanh_norm_forward[(triton.cdiv(n, per_program),)](
+            rows, y, unused if stat is None else stat, weight.contiguous(), scale, n, width, eps, 1.0 / kappa,
+            STATISTIC=statistic, EXACT=exact, ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
     return rows, y, stat
 
 
@@ -165,11 +172,12 @@ def _backward(dy, rows, stat, scale, weight, kappa, eps, statistic: bool, exact:
     dg_partial = torch.empty((programs, width), dtype=torch.float32, device=rows.device)
     dscale_partial = torch.empty(programs, dtype=torch.float32, device=rows.device)
     unused = dscale_partial  # a pointer for the arguments a variant does not read or write
-    _tanh_norm_backward[(programs,)](
-        _as_rows(dy), rows, unused if stat is None else stat, weight.contiguous(), scale,
-        unused if ds2_out is None else ds2_out, dx, unused if ds2 is None else ds2, dg_partial, dscale_partial,
-        n, width, eps, 1.0 / kappa, STATISTIC=statistic, EXACT=exact, HAS_DS2_OUT=ds2_out is not None,
-        ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
+    with _on_device_of(rows):
+        _tanh_norm_backward[(programs,)](
+            _as_rows(dy), rows, unused if stat is None else stat, weight.contiguous(), scale,
+            unused if ds2_out is None else ds2_out, dx, unused if ds2 is None else ds2, dg_partial, dscale_partial,
+            n, width, eps, 1.0 / kappa, STATISTIC=statistic, EXACT=exact, HAS_DS2_OUT=ds2_out is not None,
+            ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
     return dx, ds2, dscale_partial.sum().reshape(1).to(scale.dtype), dg_partial.sum(0).to(weight.dtype)
 
 
