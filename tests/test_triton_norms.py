@@ -177,7 +177,7 @@ def test_kernels_compile_for_a_gpu(dtype):
                          else "fp32" if name in ("eps", "inv_kappa") else f"*{dtype if name in tensors else 'fp32'}"
                          for name in kernel.arg_names}
             compiled = compile_kernel(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": warps})
+                                      options=triton_norms._launch(warps))
             assert compiled.asm["cubin"], (direction, flags)
 
 

@@ -124,6 +124,12 @@ def _tiling(width: int) -> tuple[int, int, int]:
     return block_d, rows, min(16, max(4, rows * block_d // 512))
 
 
+def _launch(warps: int) -> dict:
+    """Launch options: ``warps`` warps, fused multiply-adds on (as in the CPU kernels; said
+    explicitly, since Triton 3.9 warns that its default will change)."""
+    return {"num_warps": warps, "enable_fp_fusion": True}
+
+
 def _backward_programs(device: torch.device, blocks: int) -> int:
     """Programs of a backward launch: 4 per streaming multiprocessor (each loops over row
     blocks), 3 off CUDA (the interpreter: enough to test the partial sums)."""
@@ -157,7 +163,7 @@ def _forward(x, s2, scale, weight, kappa, eps, statistic: bool):
     with _on_device_of(x):
         _tanh_norm_forward[(triton.cdiv(n, per_program),)](
             rows, y, unused if stat is None else stat, weight.contiguous(), scale, n, width, eps, 1.0 / kappa,
-            STATISTIC=statistic, EXACT=exact, ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
+            STATISTIC=statistic, EXACT=exact, ROWS=per_program, BLOCK_D=block_d, **_launch(warps))
     return rows, y, stat
 
 
@@ -177,7 +183,7 @@ def _backward(dy, rows, stat, scale, weight, kappa, eps, statistic: bool, exact:
             _as_rows(dy), rows, unused if stat is None else stat, weight.contiguous(), scale,
             unused if ds2_out is None else ds2_out, dx, unused if ds2 is None else ds2, dg_partial, dscale_partial,
             n, width, eps, 1.0 / kappa, STATISTIC=statistic, EXACT=exact, HAS_DS2_OUT=ds2_out is not None,
-            ROWS=per_program, BLOCK_D=block_d, num_warps=warps)
+            ROWS=per_program, BLOCK_D=block_d, **_launch(warps))
     return dx, ds2, dscale_partial.sum().reshape(1).to(scale.dtype), dg_partial.sum(0).to(weight.dtype)
 
 
