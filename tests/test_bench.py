@@ -16,6 +16,7 @@ from normlab.bench import (
     TrainStep,
     bench_norms,
     copy_fraction,
+    default_norm_paths,
     interleaved,
     op_class,
     profile_step,
@@ -120,6 +121,16 @@ def test_compiled_norm_path():
     assert [f.name for f in figures] == ["rmsnorm, reference, 64x32", "rmsnorm, compiled, 64x32"]
     assert "first call" in figures[1].seconds and "first call" not in figures[0].seconds
     assert all(f.value > 0 and f.unit == "fraction of copy" for f in figures)
+
+
+def test_cuda_kernel_paths_do_not_apply_on_the_cpu():
+    """The explicit 'triton' and 'liger' paths are CUDA's: on the CPU the candidate list leaves
+    them out, and the default paths are the CPU's three."""
+    assert default_norm_paths(torch.device("cpu")) == ("reference", "fast", "compiled")
+    assert default_norm_paths(torch.device("cuda")) == ("reference", "fast", "compiled", "triton", "liger")
+    figures = bench_norms(((64, 32),), rounds=1, device=torch.device("cpu"), paths=("reference", "triton", "liger"),
+                          kinds=["rmsnorm", "dyt"], number=1)
+    assert [f.name for f in figures] == ["rmsnorm, reference, 64x32", "dyt, reference, 64x32"]
 
 
 def test_bench_writes_json_and_markdown(tmp_path, capsys):

@@ -18,8 +18,10 @@ Sections (``SECTIONS``, run in this order):
 - moe: an MoE train step against the dense one with the same active parameters;
 - strategies: each strategy's train step / pre_norm, and bhyt / bhyt_star;
 - memory: peak memory of one train step per strategy (``step_memory``);
-- norms: each norm type's forward+backward as a fraction of copy bandwidth (``copy_fraction``),
-  once per way of running it (``NORM_PATHS``: reference, fast, compiled).
+- norms: each norm type's forward+backward as a fraction of copy bandwidth (``copy_fraction``;
+  on CUDA ``copy_`` runs near HBM bandwidth, so about the fraction of it), once per way of
+  running it (``NORM_PATHS``: reference, fast, compiled; on CUDA also triton and liger, the
+  kernels the fast path chooses between, each alone: ``default_norm_paths``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from torch import nn
 from normlab.config import ModelConfig, TrainConfig
 from normlab.errors import ConfigError
 from normlab.nn import reference_norms
+from normlab.nn.fused import cuda_kernels
 from normlab.nn.model import build_model
+from normlab.nn.norms import BHyT, DyT, LayerNorm, RMSNorm
 from normlab.nn.registry import NORMS, make_norm, shares_statistic
 from normlab.strategies import STRATEGIES
 from normlab.train.optim import build_optimizer
@@ -98,14 +102,52 @@ def _reference(module: nn.Module) -> Callable:
     return call
 
 
+def _kernel_op(norm: nn.Module) -> str | None:
+    """The fast-path op (``normlab.nn.fused.FastPath.kernel``) that calling ``norm`` runs."""
+    ops = ((RMSNorm, "rms_norm"), (LayerNorm, "layer_norm"), (DyT, "dyt"), (BHyT, "bhyt"))
+    return next((op for cls, op in ops if isinstance(norm, cls)), None)
+
+
+def _on_cuda_kernels(backend: str) -> Callable[[nn.Module], Callable | None]:
+    """The path running a CUDA module on ``backend``'s kernels alone ('triton': normlab's,
+    'liger': liger-kernel's), or None off CUDA, without triton, and where the backend has no
+    kernel for the module's norm type."""
+    def path(module: nn.Module) -> Callable | None:
+        if next(module.parameters()).device.type != "cuda":
+            return None
+        try:
+            from normlab.nn import triton_norms
+        except ImportError:
+            return None
+        ops = {"triton": triton_norms.TRITON_OPS, "liger": triton_norms.LIGER_OPS}[backend]
+        if _kernel_op(getattr(module, "norm", module)) not in ops:  # getattr: _StatisticGiven
+            return None
+
+        def call(*args: torch.Tensor) -> torch.Tensor:
+            with cuda_kernels(ops):
+                return module(*args)
+        return call
+    return path
+
+
 #: how the norm section runs a norm module: name -> function of the module returning what is
-#: called. "fast" is what normlab runs by default (the fused CPU kernels of normlab.nn.fused
-#: where they take the call); "reference" the eager formulas; "compiled" torch.compile of them.
-NORM_PATHS: dict[str, Callable[[nn.Module], Callable]] = {
+#: called, or None where the path does not apply. "fast" is what normlab runs by default (the
+#: fused CPU kernels of normlab.nn.fused; on CUDA the kernels ``triton_norms.OPS`` picks) where
+#: they take the call; "reference" the eager formulas; "compiled" torch.compile of them;
+#: "triton" and "liger" (CUDA) one kernel library alone, the candidates of "fast".
+NORM_PATHS: dict[str, Callable[[nn.Module], Callable | None]] = {
     "reference": _reference,
     "fast": lambda module: module,
     "compiled": functools.partial(torch.compile, dynamic=False),
+    "triton": _on_cuda_kernels("triton"),
+    "liger": _on_cuda_kernels("liger"),
 }
+
+
+def default_norm_paths(device: torch.device) -> tuple[str, ...]:
+    """The norm section's paths on ``device``: on CUDA also the fast path's candidates alone."""
+    return ("reference", "fast", "compiled") + (("triton", "liger") if device.type == "cuda" else ())
+
 
 RATIO, FRACTION, SHARE, MEGABYTES = "ratio", "fraction of copy", "share", "MB"
 
@@ -550,16 +592,23 @@ class _StatisticGiven(nn.Module):
 
 
 def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.device,
-                paths: Iterable[str] = tuple(NORM_PATHS), kinds: Iterable[str] | None = None,
+                paths: Iterable[str] | None = None, kinds: Iterable[str] | None = None,
                 number: int = 5) -> list[Figure]:
     """Forward+backward of one norm of each registered type (all but 'none') on each (tokens,
-    width) fp32 shape, run each way of ``paths``, as a fraction of copy bandwidth
-    (``copy_fraction``), all timed together with ``dst.copy_(src)`` on the same shape. A
+    width) fp32 shape, run each way of ``paths`` (default ``default_norm_paths(device)``)
+    that applies to it, as a fraction of copy bandwidth (``copy_fraction``; on CUDA about the
+    fraction of HBM bandwidth), all timed together with ``dst.copy_(src)`` on the same shape. A
     shared-statistic type (bhyt) is timed at both sites: the attention site computes the
     statistic, the FFN site gets it (a 4-pass minimum, so its fraction can exceed 1). A path
     that fails on its first call (torch.compile without a C++ compiler) is reported and left
     out; its first call's time (compilation) is in the figure's seconds."""
     kinds = [k for k in (kinds or NORMS) if k != "none"]
+    paths = default_norm_paths(device) if paths is None else paths
+    note = "the first call builds or loads the kernels (fast) or compiles (compiled); it is not in the timings"
+    if device.type == "cuda":
+        note = ("the first call compiles the kernels (fast, triton, liger: Triton) or the norm (compiled); it is "
+                "not in the timings. On CUDA dst.copy_(src) runs near HBM bandwidth: the fraction is about that "
+                "of HBM bandwidth")
     figures = []
     for tokens, width in shapes:
         cfg = ModelConfig.from_strategy("pre_norm", d_model=width)
@@ -577,7 +626,10 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
                 for path in paths:
                     norm = make_norm(kind, width, cfg, "attn").to(device)
                     module = wrap(norm) if wrap else norm
-                    call = _norm_call(NORM_PATHS[path](module), inputs, grad, list(norm.parameters()))
+                    fn = NORM_PATHS[path](module)
+                    if fn is None:  # no such kernel for this type, or not on this device
+                        continue
+                    call = _norm_call(fn, inputs, grad, list(norm.parameters()))
                     name = f"{label}, {path}"
                     if path != "reference":  # the first call builds/loads the kernels or compiles
                         start = time.perf_counter()
@@ -597,8 +649,7 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
                 seconds["first call"] = first_call[name]
             figures.append(Figure("norms", f"{name}, {tokens}x{width}", fraction["fraction"], FRACTION,
                                   fraction["iqr"], seconds, {"tokens": tokens, "width": width, "dtype": "float32"},
-                                  "the first call builds or loads the kernels (fast) or compiles (compiled); "
-                                  "it is not in the timings" if name in first_call else "",
+                                  note if name in first_call else "",
                                   rounds={"forward+backward": times.samples[name], "copy": times.samples["copy"]}))
     return figures
 
@@ -639,7 +690,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", strategies: list[str] | None = None,
               sections: Iterable[str] = SECTIONS, out: str | Path | None = None,
               targets: dict[str, Sizes] = TARGET_SIZES, norm_shapes: Iterable[tuple[int, int]] = NORM_SHAPES,
-              norm_paths: Iterable[str] = tuple(NORM_PATHS)) -> dict[str, Any]:
+              norm_paths: Iterable[str] | None = None) -> dict[str, Any]:
     """Run the chosen sections, print each one's figures as it finishes, and with ``out`` write
     DIR/bench.json and DIR/bench.md. Returns what bench.json holds."""
     sections = list(sections)
@@ -650,6 +701,7 @@ def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", stra
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out: '{out_dir}' is a file; expected a directory")
     dev = torch.device(device)
+    norm_paths = default_norm_paths(dev) if norm_paths is None else norm_paths
     started = time.perf_counter()
     torch.manual_seed(0)
     names = strategies or list(STRATEGIES)

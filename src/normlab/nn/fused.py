@@ -1,7 +1,8 @@
-"""Fast CPU paths of the norm types: one C++ kernel per norm for the forward and one for the
-backward pass (``fused_norms.cpp``), each reading a row of x and dy once and writing a row of y
-or dx once, with hand-derived gradients for x, the gains, the scalars alpha / lam and BHyT's s2.
-The same extension fuses the block's other elementwise work: RoPE (one pass instead of mul,
+"""Fast paths of the norm types and their dispatch per device. On the CPU: one C++ kernel per
+norm for the forward and one for the backward pass (``fused_norms.cpp``), each reading a row of
+x and dy once and writing a row of y or dx once, with hand-derived gradients for x, the gains,
+the scalars alpha / lam and BHyT's s2. On CUDA: ``triton_norms`` (imported on the first CUDA
+call). The CPU extension also fuses the block's other elementwise work: RoPE (one pass instead of mul,
 roll and addcmul, each way) and SwiGLU's silu(gate) * up (one pass instead of two forward,
 three backward); together they made the thin, deep config B train step (d 64, 16 layers)
 about 10% faster.
@@ -26,14 +27,20 @@ page faults bound the time as much as the kernels do (glibc:
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` made the RMSNorm kernels several
 times faster there in a noisy measurement).
 
-The norm modules in ``norms.py`` call these kernels when ``FastPath.takes`` accepts the call
-and run their own formulas otherwise; those formulas stay the reference:
+The norm modules in ``norms.py`` ask ``FastPath.kernel(op, x, *params)`` for the kernel of
+their call on x's device (the op tables: ``CPU_OPS`` here; on CUDA ``triton_norms.OPS``: Triton
+kernels for DyT and BHyT, liger-kernel's RMSNorm when installed, no kernel for LayerNorm and
+ms(x) alone) and run their own formulas when there is none; those formulas stay the reference:
 
-- ``with reference_norms():`` or ``NORMLAB_NORMS=reference`` in the environment selects them;
-- fp64 (gradient checks), CUDA (the place for a GPU kernel is ``KERNELS``), autocast,
-  ``torch.compile`` tracing (inductor fuses the formulas itself) and ``torch.func`` transforms
-  run the reference;
-- bf16 inputs are converted to fp32 around the fp32 kernels (statistics are fp32 either way);
+- ``with reference_norms():`` or ``NORMLAB_NORMS=reference`` in the environment selects them,
+  on every device;
+- fp64 (gradient checks), CPU autocast, ``torch.compile`` tracing (inductor fuses the formulas
+  itself) and ``torch.func`` transforms run the reference; CUDA autocast does not (the residual
+  stream stays fp32 under it; the kernels compute in fp32 whatever the dtype);
+- bf16 inputs are converted to fp32 around the fp32 CPU kernels (statistics are fp32 either
+  way); on CUDA the kernels load bf16 x and bf16 parameters (FSDP's mixed precision) as they are;
+- without triton on a CUDA machine the CUDA norms run the reference after one warning
+  (``pip install 'normlab[gpu]'``);
 - the backward passes are ``once_differentiable``: double backward raises an error (run it
   under ``reference_norms()``);
 - a subclass that overrides ``argument``, ``apply`` or ``mean_square`` must override
@@ -61,8 +68,12 @@ from normlab.nn import norms
 
 SOURCE = Path(__file__).with_name("fused_norms.cpp")
 
-#: device type -> the loaded kernels, or None once loading failed (CUDA: none yet)
+#: device type -> the loaded kernels (CPU: the C++ extension; CUDA: ``normlab.nn.triton_norms``),
+#: or None once loading failed
 KERNELS: dict[str, object | None] = {}
+
+#: the CUDA op table that ``cuda_kernels`` chose, or None: ``triton_norms.OPS``
+_cuda_ops: dict | None = None
 
 _reference_only = os.environ.get("NORMLAB_NORMS", "fast") == "reference"
 
@@ -76,6 +87,19 @@ def reference_norms():
         yield
     finally:
         _reference_only = before
+
+
+@contextlib.contextmanager
+def cuda_kernels(ops: dict):
+    """Run the CUDA norms on ``ops`` (op -> function, e.g. ``triton_norms.TRITON_OPS`` or
+    ``LIGER_OPS``) inside the block, the ops it lacks on their formulas: the bench's explicit
+    'triton' and 'liger' paths."""
+    global _cuda_ops
+    before, _cuda_ops = _cuda_ops, ops
+    try:
+        yield
+    finally:
+        _cuda_ops = before
 
 
 def _put_ninja_on_path() -> None:
@@ -114,64 +138,56 @@ def _cpu_kernels():
 
 
 class FastPath:
-    """What ``norms.py`` calls: ``takes`` decides, the other methods compute like the module
-    methods of the same name."""
+    """What ``norms.py`` calls: ``kernel(op, x, *params)`` is the function that computes ``op``
+    (a key of ``CPU_OPS`` or ``triton_norms.OPS``, called like the module method of that name)
+    for this call on x's device, or None: the caller runs its formula."""
 
     @staticmethod
     def takes(x: torch.Tensor, *params: torch.Tensor) -> bool:
-        """Whether the kernels compute this call: CPU, x fp32 or bf16, parameters fp32, outside
-        ``reference_norms``, compilation, autocast and torch.func."""
-        if (_reference_only or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
-                or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params)
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+        """Whether fast kernels may compute this call: x fp32 or bf16 on a device with kernels,
+        the parameters on x's device in ``PARAM_DTYPES``, outside ``reference_norms``,
+        compilation, CPU autocast and torch.func."""
+        device = x.device.type
+        if (_reference_only or device not in PARAM_DTYPES or x.dtype not in (torch.float32, torch.bfloat16)
+                or any(p.dtype not in PARAM_DTYPES[device] or p.device != x.device for p in params)
+                or torch.compiler.is_compiling() or (device == "cpu" and torch.is_autocast_enabled("cpu"))
                 or torch._C._are_functorch_transforms_active()):
             return False
-        return _cpu_kernels() is not None
+        return _ops(device) is not None
 
     @staticmethod
-    def takes_elementwise(*tensors: torch.Tensor) -> bool:
-        """Whether the RoPE and SwiGLU kernels compute this call: every tensor fp32 on the CPU,
-        under the same conditions as ``takes``."""
-        return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and FastPath.takes(
-            tensors[0])
+    def kernel(op: str, x: torch.Tensor, *params: torch.Tensor):
+        """The function computing ``op`` for this call, or None (not taken, or no kernel for op here)."""
+        return _ops(x.device.type).get(op) if FastPath.takes(x, *params) else None
 
-    @staticmethod
-    def rope(x, cos, signed_sin):
-        """x * cos + roll(x, d/2) * signed_sin for x (B, H, T, d) and tables (T, d)."""
-        return _Rope.apply(x, cos.contiguous(), signed_sin.contiguous())
 
-    @staticmethod
-    def swiglu(gate, up):
-        """silu(gate) * up."""
-        return _SwiGLU.apply(gate, up)
+#: device type -> parameter dtypes its kernels take (CUDA: FSDP's bf16 parameters too, computed in fp32)
+PARAM_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
 
-    @staticmethod
-    def rms_norm(x, weight, eps: float):
-        return _RMSNorm.apply(x, weight, eps)
 
-    @staticmethod
-    def layer_norm(x, weight, bias, eps: float):
-        return _LayerNorm.apply(x, weight, bias, eps)
+def _triton_kernels():
+    """``normlab.nn.triton_norms`` (imported on the first CUDA call), or None with one warning
+    when triton cannot be imported."""
+    if "cuda" not in KERNELS:
+        try:
+            from normlab.nn import triton_norms
+        except ImportError as error:
+            warnings.warn(f"normlab: Triton norm kernels unavailable, CUDA norms use the eager formulas ({error})",
+                          stacklevel=4)
+            triton_norms = None
+        KERNELS["cuda"] = triton_norms
+    return KERNELS["cuda"]
 
-    @staticmethod
-    def dyt(x, alpha, weight):
-        return _DyT.apply(x, alpha, weight)
 
-    @staticmethod
-    def mean_square(x):
-        return _MeanSquare.apply(x)
-
-    @staticmethod
-    def bhyt(x, s2, lam, weight, kappa: float, eps: float):
-        """BHyT with the statistic s2 of shape (..., 1), or ms(x) computed inside when s2 is None."""
-        if s2 is not None and s2.shape != (*x.shape[:-1], 1):
-            s2 = s2.expand(*x.shape[:-1], 1)
-        return _BHyT.apply(x, s2, lam, weight, kappa, eps)
-
-    @staticmethod
-    def bhyt_with_statistic(x, lam, weight, kappa: float, eps: float):
-        """(BHyT(x; ms(x)), ms(x)): the statistic and the norm of a BHyT block's attention site."""
-        return _BHyTWithStatistic.apply(x, lam, weight, kappa, eps)
+def _ops(device_type: str) -> dict | None:
+    """The op table of a device type: ``CPU_OPS``; on CUDA ``triton_norms.OPS``, or the table
+    ``cuda_kernels`` chose. None when the device's kernels cannot be loaded."""
+    if device_type == "cpu":
+        return CPU_OPS if _cpu_kernels() is not None else None
+    triton_norms = _triton_kernels()
+    if triton_norms is None:
+        return None
+    return triton_norms.OPS if _cuda_ops is None else _cuda_ops
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +329,14 @@ class _Rope(torch.autograd.Function):
         return KERNELS["cpu"].rope(dy, cos, signed_sin, True), None, None
 
 
+def _rope(x, cos, signed_sin):
+    """x * cos + roll(x, d/2) * signed_sin for x (B, H, T, d) and tables (T, d)."""
+    return _Rope.apply(x, cos.contiguous(), signed_sin.contiguous())
+
+
 class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up."""
+
     @staticmethod
     def forward(ctx, gate, up):
         gate, up = gate.contiguous(), up.contiguous()
@@ -326,5 +349,17 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         return KERNELS["cpu"].swiglu_backward(dy.contiguous(), gate, up)
 
+
+def _bhyt(x, s2, lam, weight, kappa: float, eps: float):
+    """BHyT with the statistic s2 of shape (..., 1), or ms(x) computed inside when s2 is None."""
+    if s2 is not None and s2.shape != (*x.shape[:-1], 1):
+        s2 = s2.expand(*x.shape[:-1], 1)
+    return _BHyT.apply(x, s2, lam, weight, kappa, eps)
+
+
+#: the fused CPU kernels, op -> function called as in ``norms.py``
+CPU_OPS = {"rms_norm": _RMSNorm.apply, "layer_norm": _LayerNorm.apply, "dyt": _DyT.apply,
+           "mean_square": _MeanSquare.apply, "bhyt": _bhyt, "bhyt_with_statistic": _BHyTWithStatistic.apply,
+           "rope": _rope, "swiglu": _SwiGLU.apply}
 
 norms.FAST_PATH = FastPath

@@ -20,6 +20,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if fast := fast_elementwise(gate, up):
-            return self.down_proj(fast.swiglu(gate, up))  # one fused kernel each way
+        if kernel := fast_elementwise("swiglu", gate, up):
+            return self.down_proj(kernel(gate, up))  # one fused kernel each way
         return self.down_proj(F.silu(gate) * up)

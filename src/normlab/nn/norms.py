@@ -3,9 +3,9 @@
 
 ``x`` is one row of the residual stream, ``ms(x) = mean_i x_i^2``.
 
-The formulas below are the reference. ``normlab.nn.fused`` installs ``FAST_PATH``, fused CPU
-kernels that compute the same values and gradients; an exported model has none and runs the
-formulas.
+The formulas below are the reference. ``normlab.nn.fused`` installs ``FAST_PATH``: fused CPU
+kernels and, on CUDA, Triton (``normlab.nn.triton_norms``) and liger-kernel kernels that compute
+the same values and gradients; an exported model has none and runs the formulas.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from torch import nn
 
 from normlab.nn.registry import register_norm
 
-#: the fast kernels (``normlab.nn.fused.FastPath``, installed when normlab.nn is imported), or None
+#: the fast kernels' dispatch (``normlab.nn.fused.FastPath``, installed when normlab.nn is imported), or None
 FAST_PATH = None
 
 
-def _fast(x: torch.Tensor, *params: torch.Tensor):
-    """FAST_PATH when it computes this call, else None (the caller runs its formula)."""
-    return FAST_PATH if FAST_PATH is not None and FAST_PATH.takes(x, *params) else None
+def _fast(op: str, x: torch.Tensor, *params: torch.Tensor):
+    """The fast kernel computing ``op`` for this call, else None (the caller runs its formula)."""
+    return FAST_PATH.kernel(op, x, *params) if FAST_PATH is not None else None
 
 
-def fast_elementwise(*tensors: torch.Tensor):
-    """FAST_PATH when its RoPE and SwiGLU kernels compute a call on these tensors, else None."""
-    return FAST_PATH if FAST_PATH is not None and FAST_PATH.takes_elementwise(*tensors) else None
+def fast_elementwise(op: str, x: torch.Tensor, *others: torch.Tensor):
+    """The fast kernel of 'rope' or 'swiglu' for these tensors, all fp32, else None."""
+    if any(t.dtype != torch.float32 for t in (x, *others)):
+        return None
+    return _fast(op, x, *others)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +50,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast := _fast(x, self.weight):
-            return fast.rms_norm(x, self.weight, self.eps)
+        if kernel := _fast("rms_norm", x, self.weight):
+            return kernel(x, self.weight, self.eps)
         # the gain goes inside: one call instead of two passes
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # no conversions to dispatch
@@ -75,8 +77,8 @@ class LayerNorm(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast := _fast(x, self.weight, self.bias):
-            return fast.layer_norm(x, self.weight, self.bias, self.eps)
+        if kernel := _fast("layer_norm", x, self.weight, self.bias):
+            return kernel(x, self.weight, self.bias, self.eps)
         xs = _stat_dtype(x)
         out = F.layer_norm(xs, (x.shape[-1],), self.weight.to(xs.dtype), self.bias.to(xs.dtype), self.eps)
         return out.to(x.dtype)
@@ -106,8 +108,8 @@ class DyT(nn.Module):
         return self.alpha.to(x.dtype) * x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast := _fast(x, self.alpha, self.weight):
-            return fast.dyt(x, self.alpha, self.weight)
+        if kernel := _fast("dyt", x, self.alpha, self.weight):
+            return kernel(x, self.alpha, self.weight)
         return self.weight * torch.tanh(self.argument(x))
 
     def extra_repr(self) -> str:
@@ -139,8 +141,8 @@ class BHyT(nn.Module):
     @staticmethod
     def mean_square(x: torch.Tensor) -> torch.Tensor:
         """s2 = ms(x) in fp32, shape (..., 1)."""
-        if fast := _fast(x):
-            return fast.mean_square(x)
+        if kernel := _fast("mean_square", x):
+            return kernel(x)
         return _stat_dtype(x).pow(2).mean(-1, keepdim=True)
 
     def argument(self, x: torch.Tensor, s2: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,13 +152,13 @@ class BHyT(nn.Module):
         return self.lam.to(x.dtype) * scale * x
 
     def apply(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-        if fast := _fast(x, s2, self.lam, self.weight):
-            return fast.bhyt(x, s2, self.lam, self.weight, self.kappa, self.eps)
+        if kernel := _fast("bhyt", x, s2, self.lam, self.weight):
+            return kernel(x, s2, self.lam, self.weight, self.kappa, self.eps)
         return self.weight * torch.tanh(self.argument(x, s2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast := _fast(x, self.lam, self.weight):  # ms(x) and its gradient inside the kernels
-            return fast.bhyt(x, None, self.lam, self.weight, self.kappa, self.eps)
+        if kernel := _fast("bhyt", x, self.lam, self.weight):  # ms(x) and its gradient inside the kernels
+            return kernel(x, None, self.lam, self.weight, self.kappa, self.eps)
         return self.apply(x, self.mean_square(x))
 
     def extra_repr(self) -> str:
@@ -174,8 +176,8 @@ class SharedBHyT(BHyT):
 
     def apply_with_statistic(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(apply(x, s2), s2) with s2 = statistic(x): one fused pass on the fast path."""
-        if fast := _fast(x, self.lam, self.weight):
-            return fast.bhyt_with_statistic(x, self.lam, self.weight, self.kappa, self.eps)
+        if kernel := _fast("bhyt_with_statistic", x, self.lam, self.weight):
+            return kernel(x, self.lam, self.weight, self.kappa, self.eps)
         s2 = self.statistic(x)
         return self.apply(x, s2), s2
 
