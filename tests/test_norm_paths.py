@@ -65,7 +65,7 @@ def shared_statistic_after_attention(norm, x):
     return norm.apply(x, norm.statistic_after_attention(norm.statistic(x), torch.tensor(0.7)))
 
 
-CASES = [("rmsnorm", None), ("layernorm", None), ("dyt", None), ("bhyt_star", None), ("bhyt", None),
+CASES = [("rmsnorm", None), ("dyt", None), ("bhyt_star", None), ("bhyt", None),
          ("bhyt", shared_statistic), ("bhyt", shared_statistic_after_attention)]
 
 

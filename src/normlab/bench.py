@@ -46,7 +46,7 @@ from normlab.errors import ConfigError
 from normlab.nn import reference_norms
 from normlab.nn.fused import cuda_kernels
 from normlab.nn.model import build_model
-from normlab.nn.norms import BHyT, DyT, LayerNorm, RMSNorm
+from normlab.nn.norms import BHyT, DyT, RMSNorm
 from normlab.nn.registry import NORMS, make_norm, shares_statistic
 from normlab.strategies import STRATEGIES
 from normlab.train.optim import build_optimizer
@@ -104,7 +104,7 @@ def _reference(module: nn.Module) -> Callable:
 
 def _kernel_op(norm: nn.Module) -> str | None:
     """The fast-path op (``normlab.nn.fused.FastPath.kernel``) that calling ``norm`` runs."""
-    ops = ((RMSNorm, "rms_norm"), (LayerNorm, "layer_norm"), (DyT, "dyt"), (BHyT, "bhyt"))
+    ops = ((RMSNorm, "rms_norm"), (DyT, "dyt"), (BHyT, "bhyt"))
     return next((op for cls, op in ops if isinstance(norm, cls)), None)
 
 

@@ -16,16 +16,21 @@ new shape, which every ``make demo`` worker and test process would pay. These ke
 build per machine (about 25 s of CPU time, a minute of wall time on a loaded machine; then
 0.03 s to load) and measured, reference -> fused:
 
-    shape              rmsnorm      layernorm    dyt          bhyt_star    bhyt apply(x, ms(x))
-    (4096, 512)        0.14 -> 0.58 0.36 -> 0.57 0.15 -> 0.53 0.10 -> 0.63 0.07 -> 0.25
-    (4096, 8, 64) QK   0.09 -> 0.50 0.45 -> 0.64 0.16 -> 0.71 0.10 -> 0.64 0.08 -> 0.23
-    (4096, 2048)       0.09 -> 0.83 0.26 -> 0.34 0.09 -> 0.33 0.06 -> 0.33 0.05 -> 0.21
+    shape              rmsnorm      dyt          bhyt_star    bhyt apply(x, ms(x))
+    (4096, 512)        0.14 -> 0.58 0.15 -> 0.53 0.10 -> 0.63 0.07 -> 0.25
+    (4096, 8, 64) QK   0.09 -> 0.50 0.16 -> 0.71 0.10 -> 0.64 0.08 -> 0.23
+    (4096, 2048)       0.09 -> 0.83 0.09 -> 0.33 0.06 -> 0.33 0.05 -> 0.21
 
 BHyT's shared-statistic path stays near 0.2: its two Functions and autograd's sum of their dx
 make 13 tensor passes instead of 5. At (4096, 2048) the fresh 32 MiB outputs come from mmap and
 page faults bound the time as much as the kernels do (glibc:
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295`` made the RMSNorm kernels several
 times faster there in a noisy measurement).
+
+LayerNorm has no kernel here: ATen's ``F.layer_norm`` is already one fused pass each way, and a
+kernel of the same kind measured no faster (fraction of copy bandwidth, ATen / ours, idle
+machine: 0.41 / 0.48 and 0.66 / 0.48 at (4096, 512) and (4096, 2048) in one run, 0.55 / 0.52 and
+0.72 / 0.68 in another), so LayerNorm runs its formula on every device.
 
 The norm modules in ``norms.py`` ask ``FastPath.kernel(op, x, *params)`` for the kernel of
 their call on x's device (the op tables: ``CPU_OPS`` here; on CUDA ``triton_norms.OPS``: Triton
@@ -212,23 +217,6 @@ class _RMSNorm(torch.autograd.Function):
         return dx.view(dy.shape).to(ctx.x_dtype), dw, None
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        rows = _rows(x)
-        y, mean, r = KERNELS["cpu"].layer_norm_forward(rows, weight.contiguous(), bias.contiguous(), eps)
-        ctx.save_for_backward(rows, weight, mean, r)
-        ctx.x_dtype = x.dtype
-        return y.view(x.shape).to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        rows, weight, mean, r = ctx.saved_tensors
-        dx, dw, db = KERNELS["cpu"].layer_norm_backward(_rows(dy), rows, weight.contiguous(), mean, r)
-        return dx.view(dy.shape).to(ctx.x_dtype), dw, db, None
-
-
 class _DyT(torch.autograd.Function):
     """y in the reference's dtype: weight * tanh(.) promotes bf16 x to fp32."""
 
@@ -358,7 +346,7 @@ def _bhyt(x, s2, lam, weight, kappa: float, eps: float):
 
 
 #: the fused CPU kernels, op -> function called as in ``norms.py``
-CPU_OPS = {"rms_norm": _RMSNorm.apply, "layer_norm": _LayerNorm.apply, "dyt": _DyT.apply,
+CPU_OPS = {"rms_norm": _RMSNorm.apply, "dyt": _DyT.apply,
            "mean_square": _MeanSquare.apply, "bhyt": _bhyt, "bhyt_with_statistic": _BHyTWithStatistic.apply,
            "rope": _rope, "swiglu": _SwiGLU.apply}
 

@@ -1,4 +1,5 @@
-// Fused CPU forward and backward passes of normlab's norm types (built by normlab/nn/fused.py).
+// Fused CPU forward and backward passes of normlab's norm types (LayerNorm: ATen's kernel), RoPE
+// and SwiGLU's gate (built by normlab/nn/fused.py).
 //
 // Every function takes contiguous fp32 rows x of shape (N, D) and works on one row at a time
 // (a row stays in cache between its reduction and its elementwise pass), rows split across
@@ -119,75 +120,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(at::Tensor dy, at::Tensor x
     rms_norm_backward_rows(in(dy), in(x), in(g), in(r), out(dx), sums, begin, end, D);
   });
   return {dx, dg[0]};
-}
-
-// ---------------------------------------------------------------- LayerNorm: y = g * (x - mu) * r + b, r = 1/sqrt(var(x) + eps)
-
-void layer_norm_forward_rows(const float* x, const float* g, const float* b, float eps, float* y, float* mu,
-                             float* r, int64_t begin, int64_t end, int64_t D) {
-  for (int64_t n = begin; n < end; ++n) {
-    const float* xr = x + n * D;
-    float* yr = y + n * D;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < D; ++i) s += xr[i];
-    const float m = s / D;
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < D; ++i) ss += (xr[i] - m) * (xr[i] - m);
-    const float rn = 1.f / std::sqrt(ss / D + eps);
-    mu[n] = m;
-    r[n] = rn;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) yr[i] = g[i] * ((xr[i] - m) * rn) + b[i];
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(at::Tensor x, at::Tensor g,
-                                                                           at::Tensor b, double eps) {
-  const int64_t N = x.size(0), D = x.size(1);
-  auto y = at::empty_like(x);
-  auto mu = at::empty({N}, x.options());
-  auto r = at::empty({N}, x.options());
-  parallel_rows(N, [&](int64_t begin, int64_t end) {
-    layer_norm_forward_rows(in(x), in(g), in(b), eps, out(y), out(mu), out(r), begin, end, D);
-  });
-  return {y, mu, r};
-}
-
-// xh = (x - mu) r, h = g dy:  dx = r * (h - mean(h) - xh * mean(h xh));  dg = sum dy xh;  db = sum dy
-// sums: row 0 dg, row 1 db.
-void layer_norm_backward_rows(const float* dy, const float* x, const float* g, const float* mu, const float* r,
-                              float* dx, float* sums, int64_t begin, int64_t end, int64_t D) {
-  float *dg = sums, *db = sums + D;
-  for (int64_t n = begin; n < end; ++n) {
-    const float *xr = x + n * D, *dyr = dy + n * D;
-    float* dxr = dx + n * D;
-    const float m = mu[n], rn = r[n];
-    float sh = 0.f, shx = 0.f;
-#pragma omp simd reduction(+ : sh, shx)
-    for (int64_t i = 0; i < D; ++i) {
-      const float xh = (xr[i] - m) * rn, h = g[i] * dyr[i];
-      sh += h;
-      shx += h * xh;
-      dg[i] += dyr[i] * xh;
-      db[i] += dyr[i];
-    }
-    const float mh = sh / D, mhx = shx / D;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) dxr[i] = rn * (g[i] * dyr[i] - mh - (xr[i] - m) * rn * mhx);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(at::Tensor dy, at::Tensor x,
-                                                                            at::Tensor g, at::Tensor mu,
-                                                                            at::Tensor r) {
-  const int64_t N = x.size(0), D = x.size(1);
-  auto dx = at::empty_like(x);
-  auto sums = parallel_rows_with_sums(N, D, 2, [&](int64_t begin, int64_t end, float* sums) {
-    layer_norm_backward_rows(in(dy), in(x), in(g), in(mu), in(r), out(dx), sums, begin, end, D);
-  });
-  return {dx, sums[0], sums[1]};
 }
 
 // ---------------------------------------------------------------- DyT: y = g * tanh(alpha x)
@@ -428,8 +360,6 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(at::Tensor dy, at::Tensor g, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward);
   m.def("rms_norm_backward", &rms_norm_backward);
-  m.def("layer_norm_forward", &layer_norm_forward);
-  m.def("layer_norm_backward", &layer_norm_backward);
   m.def("dyt_forward", &dyt_forward);
   m.def("dyt_backward", &dyt_backward);
   m.def("mean_square_forward", &mean_square_forward);
