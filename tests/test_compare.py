@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from normlab.cli import main
 from normlab.compare import compare, parse_variants
 from normlab.compare.report import STALL_MARGIN, TABLE_HEADER, depth_profile, stalled, verdict
 from normlab.compare.stats import mean_std, paired_difference
@@ -261,7 +262,7 @@ def test_stall_rule_on_hand_made_metrics():
     assert not stalled([], h)
 
 
-def test_a_run_that_cannot_learn_is_reported_stalled(tmp_path, monkeypatch):
+def test_a_run_that_cannot_learn_is_reported_stalled(tmp_path, monkeypatch, capsys):
     from normlab.data import unigram_loss
     from normlab.train.trainer import load_data
 
@@ -288,6 +289,10 @@ def test_a_run_that_cannot_learn_is_reported_stalled(tmp_path, monkeypatch):
     page = report.read_text()
     assert "Runs that did not finish normally" in page and f"{stuck} seed 0: stalled" in page
     assert "<tr class='best'><td>pre_norm (baseline)" in page
+    # the command's closing line counts it (a second compare trains nothing)
+    assert main(["compare", "--strategies", f"pre_norm,{stuck}", "--seeds", "0", "--out", str(tmp_path / "out"),
+                 "-q", *TINY]) == 0
+    assert "runs: 2 finished (1 of them stalled at the unigram loss)" in capsys.readouterr().err
 
 
 def test_eval_tasks_reach_the_report(sweep, tmp_path):

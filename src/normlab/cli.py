@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 
@@ -142,7 +143,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                baseline=args.baseline, same_init=args.same_init, progress=not args.quiet,
                                jobs=args.jobs, evaluation=evaluation)
     counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
-    print(f"runs: {', '.join(f'{n} {s}' for s, n in counts.items())}", file=sys.stderr)
+    summary = json.loads((report.parent / "summary.json").read_text())
+    stalled = sum(entry["stalled"] for entry in summary["strategies"].values())
+    print(f"runs: {', '.join(f'{n} {s}' for s, n in counts.items())}"
+          + (f" ({stalled} of them stalled at the unigram loss)" if stalled else ""), file=sys.stderr)
     print(f"report: {report}")
     if "interrupted" in counts:
         return 130
