@@ -194,6 +194,10 @@ def test_rope_and_swiglu_take_the_formulas_off_the_cpu_fp32_path():
     assert fast_elementwise("swiglu", x.bfloat16(), x.bfloat16()) is None
     with fused.reference_norms():
         assert fast_elementwise("swiglu", x, x) is None
+    one_row = torch.randn(1, 4)  # a table that broadcasts over positions: the formula's job, not the kernel's
+    with fused.reference_norms():
+        broadcast = apply_rope(x, one_row, one_row)
+    torch.testing.assert_close(apply_rope(x, one_row, one_row), broadcast, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("strategy", ["pre_norm", "hybridnorm", "peri_norm", "dyt", "bhyt", "bhyt_star"])

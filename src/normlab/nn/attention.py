@@ -27,7 +27,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a] on the last dim, computed
     as x * cos + roll(x, d/2) * signed_sin (three kernels instead of six; one fused kernel on
     the CPU fast path, for x (B, H, T, d) and tables (T, d))."""
-    if x.dim() == 4 and cos.dim() == 2 and (kernel := fast_elementwise("rope", x, cos, signed_sin)):
+    if x.dim() == 4 and cos.shape == x.shape[2:] and (kernel := fast_elementwise("rope", x, cos, signed_sin)):
         return kernel(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin).to(x.dtype)
 

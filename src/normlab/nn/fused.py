@@ -318,7 +318,9 @@ class _Rope(torch.autograd.Function):
 
 
 def _rope(x, cos, signed_sin):
-    """x * cos + roll(x, d/2) * signed_sin for x (B, H, T, d) and tables (T, d)."""
+    """x * cos + roll(x, d/2) * signed_sin for x (B, H, T, d) and tables (T, d); the kernel
+    walks rows of d by x's strides and needs the last one to be 1."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
     return _Rope.apply(x, cos.contiguous(), signed_sin.contiguous())
 
 
