@@ -401,3 +401,32 @@ def test_compile_auto_follows_the_measured_break_even(tmp_path, fake_compile):
     assert log.get(key) is not None  # and the measurement is recorded
     for run in ("slow-to-compile", "pays", "probe"):
         assert losses(tmp_path / run) == losses(reference)
+
+
+FRESH_TENSOR_FAULTS = """
+import resource, sys, torch
+from normlab.device import keep_freed_host_memory
+print(keep_freed_host_memory())
+torch.empty(16 << 20).fill_(1)  # 64 MiB, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    torch.empty(16 << 20).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_host_memory_is_reused_without_page_faults():
+    """8 more 64 MiB tensors (16,384 pages each), each freed before the next: without the
+    setting glibc returns each to the kernel and the next faults its pages in again; with it,
+    at most one of them does (malloc may serve one from a second arena)."""
+    def faults(**env):
+        out = subprocess.run([sys.executable, "-c", FRESH_TENSOR_FAULTS], capture_output=True, text=True,
+                             check=True, env={**os.environ, **env}).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    applied, kept = faults()
+    assert applied and kept < 1.5 * 16384
+    applied, returned = faults(NORMLAB_KEEP_FREED_MEMORY="0")
+    assert not applied and returned > 6 * 16384  # what the setting saves
+    assert faults(MALLOC_ARENA_MAX="2")[0] is False  # the user's own malloc settings stand

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from normlab.device import keep_freed_host_memory
 from normlab.errors import NormlabError
 from normlab.plugins import load_plugins
 
@@ -545,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_host_memory()
     try:
         load_plugins(args.plugin)
         return args.func(args)

@@ -304,19 +304,29 @@ at::Tensor rope(at::Tensor x, at::Tensor c, at::Tensor s, bool transpose) {
   const int64_t ys0 = y.stride(0), ys1 = y.stride(1), ys2 = y.stride(2);
   const float *xp = in(x), *cp = in(c), *sp = in(s);
   float* yp = out(y);
-  at::parallel_for(0, x.size(0) * H * T, 64, [=](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / (H * T), head = (n / T) % H, t = n % T;
-      const float* xr = xp + b * xs0 + head * xs1 + t * xs2;
-      float* yr = yp + b * ys0 + head * ys1 + t * ys2;
-      const float *cr = cp + t * D, *sr = sp + t * D;
-      const float *s_lo = transpose ? sr + h : sr, *s_hi = transpose ? sr : sr + h;
+  auto row = [=](const float* xr, float* yr, int64_t t) {
+    const float *cr = cp + t * D, *sr = sp + t * D;
+    const float *s_lo = transpose ? sr + h : sr, *s_hi = transpose ? sr : sr + h;
 #pragma omp simd
-      for (int64_t i = 0; i < h; ++i) {
-        const float lo = xr[i], hi = xr[i + h];
-        yr[i] = lo * cr[i] + hi * s_lo[i];
-        yr[i + h] = hi * cr[i + h] + lo * s_hi[i];
-      }
+    for (int64_t i = 0; i < h; ++i) {
+      const float lo = xr[i], hi = xr[i + h];
+      yr[i] = lo * cr[i] + hi * s_lo[i];
+      yr[i + h] = hi * cr[i + h] + lo * s_hi[i];
+    }
+  };
+  // Rows are short (D = 16 in the thin models), so index arithmetic per row would cost as much as
+  // the row: each task walks one index pair's rows by pointer steps, the inner loop over the
+  // dimension with the smaller stride (heads, when x is q/k straight from the projection).
+  const bool heads_inner = xs1 < xs2;
+  const int64_t inner = heads_inner ? H : T, outer = heads_inner ? T : H;
+  const int64_t x_in = heads_inner ? xs1 : xs2, x_out = heads_inner ? xs2 : xs1;
+  const int64_t y_in = heads_inner ? ys1 : ys2, y_out = heads_inner ? ys2 : ys1;
+  at::parallel_for(0, x.size(0) * outer, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / outer, o = n % outer;
+      const float* xr = xp + b * xs0 + o * x_out;
+      float* yr = yp + b * ys0 + o * y_out;
+      for (int64_t j = 0; j < inner; ++j, xr += x_in, yr += y_in) row(xr, yr, heads_inner ? o : j);
     }
   });
   return y;

@@ -28,15 +28,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from normlab.errors import CheckpointError
 from normlab.train import distributed
@@ -93,6 +86,9 @@ def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimi
     the weights to rank 0, which writes ``model.safetensors`` (a tied weight once), ``trainer.pt``
     (``state``, no optimizer) and, after a barrier (all shards on disk), the manifest; then it
     renames the directory into place. Needs a file system every rank sees."""
+    import torch.distributed.checkpoint as dcp  # 0.6 s to import: only sharded (FSDP) runs pay it
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
     tmp = directory / f".tmp-step_{step:06d}"
     if world.is_main:
         _temporary(directory, step)
@@ -213,6 +209,9 @@ def is_sharded(ckpt: Checkpoint) -> bool:
 def load_sharded(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Every rank: load model and optimizer from ``sharded/`` (resharded to however many
     processes and whatever wrapping load it: FSDP, DDP or none) and return the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optimizer": optimizer_state}
     with warnings.catch_warnings():  # one process without a process group is meant, not a mistake
@@ -227,6 +226,8 @@ def load_full_into_sharded(ckpt: Checkpoint, model: nn.Module, optimizer: torch.
     """Every rank: load a one-file checkpoint (single-process or DDP run) into an FSDP ``model``
     and ``optimizer``, through an unsharded copy (``plain``, built like ``model``) that maps
     the optimizer's parameter indices to names; each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
     state = load_verified(ckpt, plain)
     plain_optimizer.load_state_dict(state.pop("optimizer"))
     model_state, optimizer_state = get_state_dict(plain, plain_optimizer)

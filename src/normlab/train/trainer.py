@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from normlab.config import ConfigError, DataConfig, RunConfig, config_changes
 from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
-from normlab.device import pick_device
+from normlab.device import keep_freed_host_memory, pick_device
 from normlab.errors import CheckpointError, NormlabError
 from normlab.nn.model import NormLM, build_model
 from normlab.plugins import load_recorded, record
@@ -146,6 +146,7 @@ def _autocast(cfg: RunConfig, device: torch.device):
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) the run ``cfg`` (resolved: ``run_config`` or ``RunConfig.resolve``)
     into ``out``. Under ``torchrun`` every process calls this; rank 0 does all the writing."""
+    keep_freed_host_memory()
     world = distributed.setup()
     try:
         return _train(cfg, RunDir(out), resume, progress and world.is_main, world)
