@@ -87,7 +87,11 @@ def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimi
     (``state``, no optimizer) and, after a barrier (all shards on disk), the manifest; then it
     renames the directory into place. Needs a file system every rank sees."""
     import torch.distributed.checkpoint as dcp  # 0.6 s to import: only sharded (FSDP) runs pay it
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     tmp = directory / f".tmp-step_{step:06d}"
     if world.is_main:
@@ -226,7 +230,11 @@ def load_full_into_sharded(ckpt: Checkpoint, model: nn.Module, optimizer: torch.
     """Every rank: load a one-file checkpoint (single-process or DDP run) into an FSDP ``model``
     and ``optimizer``, through an unsharded copy (``plain``, built like ``model``) that maps
     the optimizer's parameter indices to names; each rank keeps its shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
 
     state = load_verified(ckpt, plain)
     plain_optimizer.load_state_dict(state.pop("optimizer"))
