@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from normlab import STRATEGIES, ModelConfig, build_model
-from normlab.nn import reference_norms
 from normlab.data import ByteTokenizer, load_tokenizer, train_bpe
 from normlab.errors import CheckpointError, ConfigError, DataError
 from normlab.hf import export, export_run, from_hf, import_run, model_config_from_hf
+from normlab.nn import reference_norms
 from normlab.nn.backbone import Backbone
 from normlab.nn.block import Block
 from normlab.strategies import layer_plans
