@@ -214,3 +214,30 @@ def test_cuda_dispatch_matches_reference(kind, call, dtype):
         reference = forward_backward(norm, x, call)[1]
         exact = forward_backward(copy.deepcopy(norm).double(), x.double(), call)[1]
     assert_same([t.cpu() for t in fast], [t.cpu() for t in reference], dtype, [t.cpu() for t in exact])
+
+
+@not_interpreted
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loss_beyond_one_chunk_matches_the_formula(monkeypatch):
+    """The LM head's loss on CUDA past one chunk of logits (liger-kernel's fused linear
+    cross-entropy when installed): value and gradients against the formula, fp32."""
+    from normlab.nn import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 1000)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=gen).cuda().requires_grad_()
+    weight = (0.3 * torch.randn(500, 64, generator=gen)).cuda().requires_grad_()
+    targets = torch.randint(0, 500, (300,), generator=gen).cuda()
+    targets[::7] = -100
+
+    def value_and_grads():
+        hidden.grad = weight.grad = None
+        value = loss.linear_cross_entropy(hidden, weight, targets)
+        value.backward()
+        return [value.detach().cpu(), hidden.grad.cpu(), weight.grad.cpu()]
+
+    fast = value_and_grads()
+    with fused.reference_norms():
+        reference = value_and_grads()
+    for got, want in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

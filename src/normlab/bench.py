@@ -252,20 +252,23 @@ class TrainStep:
     """One optimizer step as ``normlab train`` takes it with its default settings
     (``TrainConfig()``: fp32, no compile): forward, cross-entropy in fp32 (+ ``extra_loss()``),
     backward, gradient clipping at ``grad_clip``, AdamW from ``build_optimizer``, gradients set
-    to None. ``logits_of(ids)`` defaults to ``model(ids)``."""
+    to None. A normlab model's loss comes from ``model(ids, targets=ids)`` (head and loss in one
+    step, as in training); another model's from the cross-entropy of ``logits_of(ids)``."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, logits_of: Callable | None = None,
                  extra_loss: Callable[[], torch.Tensor] | None = None) -> None:
         self.model, self.ids = model, ids
-        self.logits_of = logits_of or model
+        self.logits_of = logits_of
         self.extra_loss = extra_loss
         self.train = TrainConfig()
         self.optimizer = build_optimizer(model, self.train)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def __call__(self) -> None:
-        logits = self.logits_of(self.ids)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), self.ids.flatten())
+        if self.logits_of is None:  # a normlab model: its loss from targets, as the trainer takes it
+            loss = self.model(self.ids, targets=self.ids).loss
+        else:
+            loss = F.cross_entropy(self.logits_of(self.ids).flatten(0, 1).float(), self.ids.flatten())
         if self.extra_loss is not None:
             loss = loss + self.extra_loss()
         loss.backward()

@@ -73,6 +73,7 @@ from pathlib import Path
 import torch
 
 from normlab.nn import norms
+from normlab.nn.loss import chunked_linear_cross_entropy
 
 SOURCE = Path(__file__).with_name("fused_norms.cpp")
 
@@ -355,6 +356,6 @@ def _bhyt(x, s2, lam, weight, kappa: float, eps: float):
 #: the fused CPU kernels, op -> function called as in ``norms.py``
 CPU_OPS = {"rms_norm": _RMSNorm.apply, "dyt": _DyT.apply,
            "mean_square": _MeanSquare.apply, "bhyt": _bhyt, "bhyt_with_statistic": _BHyTWithStatistic.apply,
-           "rope": _rope, "swiglu": _SwiGLU.apply}
+           "rope": _rope, "swiglu": _SwiGLU.apply, "linear_cross_entropy": chunked_linear_cross_entropy}
 
 norms.FAST_PATH = FastPath

@@ -14,6 +14,7 @@ from torch import nn
 from normlab.config import ModelConfig
 from normlab.nn.attention import KVCache
 from normlab.nn.backbone import Backbone
+from normlab.nn.loss import linear_cross_entropy
 from normlab.nn.moe import MoE
 from normlab.nn.registry import is_norm
 from normlab.strategies import layer_plans
@@ -21,9 +22,10 @@ from normlab.strategies import layer_plans
 
 @dataclass
 class CausalLMOutput:
-    """``loss`` is the mean next-token cross-entropy (None without labels)."""
+    """``loss`` is the mean next-token cross-entropy (None without labels or targets); ``logits``
+    is None when the loss was computed from ``targets`` (they are never made whole)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
@@ -49,12 +51,18 @@ class NormLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor | CausalLMOutput:
         """Labels follow the Hugging Face convention: ``labels[t]`` is the token at position t
-        (shifted inside), ``-100`` is ignored. ``cache``, ``position_ids`` and ``attention_mask``:
-        see ``Backbone.forward``."""
+        (shifted inside), ``-100`` is ignored. ``targets[t]`` is the token that should follow
+        position t (the trainer's batches): the loss then comes from ``linear_cross_entropy``,
+        head and loss in one step without the logits. ``cache``, ``position_ids`` and
+        ``attention_mask``: see ``Backbone.forward``."""
         x, hidden = self.model(input_ids, output_hidden_states, position_ids=position_ids,
                                attention_mask=attention_mask, cache=cache)
+        if targets is not None:
+            return CausalLMOutput(logits=None, loss=linear_cross_entropy(x, self.lm_head.weight, targets),
+                                  hidden_states=hidden)
         logits = self.lm_head(x)
         if labels is None and not output_hidden_states:
             return logits

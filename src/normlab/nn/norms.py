@@ -26,7 +26,8 @@ def _fast(op: str, x: torch.Tensor, *params: torch.Tensor):
 
 
 def fast_elementwise(op: str, x: torch.Tensor, *others: torch.Tensor):
-    """The fast kernel of 'rope' or 'swiglu' for these tensors, all fp32, else None."""
+    """The fast kernel of 'rope', 'swiglu' or 'linear_cross_entropy' for these tensors, all
+    fp32, else None."""
     if any(t.dtype != torch.float32 for t in (x, *others)):
         return None
     return _fast(op, x, *others)

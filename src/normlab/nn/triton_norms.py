@@ -1,7 +1,9 @@
 """Triton kernels of the tanh norms for CUDA: DyT, BHyT* and BHyT with a given or returned
 statistic, one forward and one backward kernel with hand-derived gradients (the formulas of
 ``fused_norms.cpp``), wrapped in ``torch.autograd.Function``\\ s. RMSNorm runs liger-kernel's
-kernel when liger-kernel is installed (the ``gpu`` extra); LayerNorm runs ATen's CUDA kernel.
+kernel when liger-kernel is installed (the ``gpu`` extra), and so does the LM head's loss once
+its logits exceed one chunk (``nn/loss.py``: liger's fused linear cross-entropy); LayerNorm runs
+ATen's CUDA kernel.
 
 Notation as in ``norms.py``: ms(x) = mean_i x_i^2, r = 1 / sqrt(s2 + eps). A program takes a
 block of ``ROWS`` rows of width ``BLOCK_D`` >= D (the whole row: the reduction and the
@@ -268,6 +270,17 @@ def _liger_dyt(x, alpha, weight):
     return LigerDyTFunction.apply(x, alpha, weight, None)
 
 
+def _liger_linear_cross_entropy(hidden, weight, targets, ignore_index: int):
+    """liger-kernel's fused linear cross-entropy (chunks of tokens on the GPU, the gradients in
+    the forward pass), the matmuls in autocast's dtype when autocast is on, as ``F.linear``'s."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+
+
 #: normlab's Triton kernels, op -> function called as in ``norms.py``
 TRITON_OPS = {"dyt": _DyT.apply, "bhyt": _BHyT.apply, "bhyt_with_statistic": _BHyTWithStatistic.apply}
 
@@ -281,11 +294,11 @@ def _liger_ops() -> dict:
         warnings.warn(f"normlab: liger-kernel unavailable ({error}); RMSNorm on CUDA runs its formula "
                       "(pip install 'normlab[gpu]')", stacklevel=2)
         return {}
-    return {"rms_norm": _liger_rms_norm, "dyt": _liger_dyt}
+    return {"rms_norm": _liger_rms_norm, "dyt": _liger_dyt, "linear_cross_entropy": _liger_linear_cross_entropy}
 
 
 LIGER_OPS = _liger_ops()
 
 #: what the CUDA fast path runs, op -> function; an op absent here (layer_norm, mean_square; rms_norm
 #: without liger-kernel) runs the formula in norms.py
-OPS = {**TRITON_OPS, **{op: LIGER_OPS[op] for op in ("rms_norm",) if op in LIGER_OPS}}
+OPS = {**TRITON_OPS, **{op: LIGER_OPS[op] for op in ("rms_norm", "linear_cross_entropy") if op in LIGER_OPS}}

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from normlab.config import ConfigError, DataConfig, RunConfig, config_changes
@@ -129,8 +128,7 @@ def evaluate(model: NormLM, shards: TokenShards, cfg: RunConfig, device: torch.d
     with torch.no_grad(), _autocast(cfg, device):
         for x, y in batches:
             x, y = (t.chunk(world.world_size)[world.rank] for t in (x, y))
-            logits = model(x.to(device))
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
+            total += model(x.to(device), targets=y.to(device)).loss.item() * y.numel()
             count += y.numel()
     model.train()
     total, count = distributed.all_reduce_sum(world, [total, count])
@@ -405,8 +403,7 @@ class Trainer:
             sync = micro == t.grad_accum - 1  # DDP: all-reduce once; FSDP: reduce-scatter once
             with (_autocast(self.cfg, self.device), (probe if record and micro == 0 else contextlib.nullcontext()),
                   self._gradient_sync(sync)):
-                logits = self.forward(x.to(self.device))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+                loss = self.forward(x.to(self.device), targets=y.to(self.device)).loss
                 objective = loss
                 moe = self.model.moe_losses()
                 if moe is not None:
