@@ -4,6 +4,7 @@ the memory peak, and an end-to-end run on tiny sizes (timings themselves are not
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -172,3 +173,18 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "--sections", "norms", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert main(["bench", "--strategies", "pre_norm,nonsense"]) == 2
+
+
+def test_cpu_profile_silences_stderr_inside_only(capfd):
+    """kineto's C++ lines on fd 2 are dropped while profiling; stderr works again after, also
+    when the profiled code raised."""
+    from normlab.bench import cpu_profile
+
+    with cpu_profile() as prof:
+        os.write(2, b"inside\n")
+        torch.ones(3).add(1)
+    assert any(e.name == "aten::add" for e in prof.events())
+    with pytest.raises(RuntimeError), cpu_profile():
+        raise RuntimeError("step failed")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"

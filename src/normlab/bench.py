@@ -26,8 +26,10 @@ Sections (``SECTIONS``, run in this order):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -333,12 +335,30 @@ def step_shares(events: Iterable[tuple[str, float, bool]]) -> dict[str, float]:
     return {kind: total / whole for kind, total in totals.items()}
 
 
+@contextlib.contextmanager
+def cpu_profile(**options):
+    """``torch.profiler.profile`` of CPU activity, with the process's stderr (file descriptor 2)
+    sent to /dev/null inside: kineto prints 'USDT: profiler_start/stop' lines from C++ on every
+    profile, which would bury the bench's figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], **options) as prof:
+            yield prof
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def profile_step(step: Callable[[], Any]) -> tuple[list[tuple[str, float, bool]], float]:
     """(event name, self CPU µs, whether it is inside ``OPTIMIZER_REGION``) of every event in
     one call of ``step`` under torch.profiler, and the call's wall time in µs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with cpu_profile() as prof:
         start = time.perf_counter()
         step()
         wall = (time.perf_counter() - start) * 1e6
@@ -389,9 +409,7 @@ def step_memory(step: TrainStep, device: torch.device) -> dict[str, int]:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with cpu_profile(profile_memory=True) as prof:
             step()
         records = sorted((e for e in prof.profiler.kineto_results.events()
                           if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
