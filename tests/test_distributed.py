@@ -23,17 +23,17 @@ BHYT = [*ARGS, "model.strategy=bhyt"]  # BHyT's lam is a shape-(1,) parameter: o
 PRE_NORM = [*ARGS, "model.strategy=pre_norm", "model.tie_embeddings=true"]
 
 
-def normlab(*args, processes=1, tmp_path):
-    env = {**os.environ, "NORMLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def normlab(*args, processes=1, tmp_path, env=None):
+    env = {**os.environ, "NORMLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **(env or {})}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
     return subprocess.run([*launcher, "-m", "normlab", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 
-def trained(tmp_path, name, args, steps=10, processes=1, resume=False):
+def trained(tmp_path, name, args, steps=10, processes=1, resume=False, env=None):
     result = normlab("train", "--quiet", *(["--resume"] if resume else []), "--out", str(tmp_path / name),
-                     *args, f"train.max_steps={steps}", processes=processes, tmp_path=tmp_path)
+                     *args, f"train.max_steps={steps}", processes=processes, tmp_path=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return RunDir(tmp_path / name)
 
@@ -109,8 +109,11 @@ def test_fsdp_matches_single_process_resumes_on_one_process_and_reads_back(tmp_p
 
 
 def test_fsdp_with_tied_embeddings_matches_and_resumes_a_single_process_checkpoint(tmp_path):
+    """Also the chunked loss (nn/loss.py, forced on: 1000 logits per chunk) under FSDP against
+    the single process's formula: the tied head's gradient reaches the sharded embedding."""
     single = trained(tmp_path, "single", PRE_NORM)
-    fsdp = trained(tmp_path, "fsdp", [*PRE_NORM, "train.distributed=fsdp"], processes=2)
+    fsdp = trained(tmp_path, "fsdp", [*PRE_NORM, "train.distributed=fsdp"], processes=2,
+                   env={"NORMLAB_LOSS_CHUNK_ELEMENTS": "1000"})
     assert_same_run(single, fsdp)
     # a one-file checkpoint goes into FSDP shards too (optimizer state mapped by parameter name)
     switched = stopped_at(single, tmp_path, "switched", 5)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import ModelConfig, build_model
+from normlab.errors import ConfigError
 from normlab.nn import fused, loss, reference_norms
 
 needs_kernels = pytest.mark.skipif(fused._cpu_kernels() is None, reason="no C++ compiler: the formula runs")
@@ -124,3 +125,15 @@ def test_model_loss_from_targets_equals_cross_entropy_of_its_logits(small_chunks
         torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         assert model(ids, targets=targets).logits is None
+
+
+@needs_kernels
+def test_chunk_size_from_the_environment(monkeypatch):
+    """NORMLAB_LOSS_CHUNK_ELEMENTS sets the chunk (what the distributed tests use to force the
+    chunked path); a bad value is a ConfigError naming it."""
+    hidden, weight, targets = _case()
+    monkeypatch.setenv("NORMLAB_LOSS_CHUNK_ELEMENTS", "100")
+    assert _matmuls(lambda: loss.linear_cross_entropy(hidden, weight, targets)) == 3 * hidden.shape[0] // 2
+    monkeypatch.setenv("NORMLAB_LOSS_CHUNK_ELEMENTS", "0")
+    with pytest.raises(ConfigError, match="NORMLAB_LOSS_CHUNK_ELEMENTS"):
+        loss.linear_cross_entropy(hidden, weight, targets)

@@ -4,7 +4,7 @@ step, so that the (tokens x vocabulary) logits never exist at once where a fast 
     loss = mean over t with y_t != ignore_index of  logsumexp(W h_t) - (W h_t)[y_t]
 
 The formula (``F.linear`` then ``F.cross_entropy``) is the reference, and what runs while the
-logits fit in one chunk (``CHUNK_ELEMENTS``). Beyond that the fast path takes over, chosen by
+logits fit in one chunk (``chunk_elements()``). Beyond that the fast path takes over, chosen by
 ``FastPath`` like the fused norms (so ``reference_norms()``, CPU autocast and compilation run
 the formula): on the CPU ``ChunkedLinearCrossEntropy`` (fp32); on CUDA liger-kernel's fused
 linear cross-entropy when it is installed (``triton_norms``). A train step at vocabulary 50,257
@@ -16,13 +16,26 @@ their gradient).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from normlab.errors import ConfigError
 from normlab.nn.norms import fast_elementwise
 
 #: logits of one chunk at most, in elements (16 Mi fp32 = 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_elements() -> int:
+    """Logits per chunk: ``NORMLAB_LOSS_CHUNK_ELEMENTS`` when set, else ``CHUNK_ELEMENTS``."""
+    value = os.environ.get("NORMLAB_LOSS_CHUNK_ELEMENTS")
+    if value is None:
+        return CHUNK_ELEMENTS
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"NORMLAB_LOSS_CHUNK_ELEMENTS must be a positive integer, not '{value}'")
+    return int(value)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -31,7 +44,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ``targets`` (...), skipping ``ignore_index``; the logits in fp32."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
     # logits within one chunk are cheap to hold, and the formula is as fast or faster there
-    if (hidden.shape[0] * weight.shape[0] > CHUNK_ELEMENTS
+    if (hidden.shape[0] * weight.shape[0] > chunk_elements()
             and (kernel := fast_elementwise("linear_cross_entropy", hidden, weight))):
         return kernel(hidden, weight, targets, ignore_index)
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
@@ -46,7 +59,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """The loss and, when they are needed, its gradients in the forward pass, a chunk of tokens
-    at a time (at most ``CHUNK_ELEMENTS`` logits): with z = W h, p = softmax(z) and n the number
+    at a time (at most ``chunk_elements()`` logits): with z = W h, p = softmax(z) and n the number
     of counted targets, dL/dz_t = (p_t - onehot(y_t)) / n (0 for an ignored t), dL/dh = dL/dz W and
     dL/dW = sum_t dL/dz_t h_t^T. The backward only scales them by the incoming gradient. Memory:
     one chunk's logits instead of all of them (and of their softmax and its gradient)."""
@@ -61,7 +74,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = hidden.float()
-        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        chunk = max(1, chunk_elements() // weight.shape[0])
         for start in range(0, rows.shape[0], chunk):
             h, y, keep = (t[start:start + chunk] for t in (rows, targets, counted))
             y = y.where(keep, 0)
