@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -176,12 +177,13 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
 
 
 def test_cpu_profile_silences_stderr_inside_only(capfd):
-    """kineto's C++ lines on fd 2 are dropped while profiling; stderr works again after, also
-    when the profiled code raised."""
+    """kineto's C++ lines on fd 2 are dropped while profiling, Python warnings kept; stderr works
+    again after, also when the profiled code raised."""
     from normlab.bench import cpu_profile
 
-    with cpu_profile() as prof:
+    with pytest.warns(UserWarning, match="kept"), cpu_profile() as prof:
         os.write(2, b"inside\n")
+        warnings.warn("kept", stacklevel=1)  # a Python warning is shown after the block
         torch.ones(3).add(1)
     assert any(e.name == "aten::add" for e in prof.events())
     with pytest.raises(RuntimeError), cpu_profile():

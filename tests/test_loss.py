@@ -137,3 +137,11 @@ def test_chunk_size_from_the_environment(monkeypatch):
     monkeypatch.setenv("NORMLAB_LOSS_CHUNK_ELEMENTS", "0")
     with pytest.raises(ConfigError, match="NORMLAB_LOSS_CHUNK_ELEMENTS"):
         loss.linear_cross_entropy(hidden, weight, targets)
+
+
+def test_labels_and_targets_together_are_refused():
+    model = build_model(ModelConfig.from_strategy("pre_norm", d_model=16, n_layers=1, n_heads=2, vocab_size=20,
+                                                  max_seq_len=8))
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, labels=ids, targets=ids)

@@ -415,18 +415,21 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_host_memory_is_reused_without_page_faults():
     """8 more 64 MiB tensors (16,384 pages each), each freed before the next: without the
     setting glibc returns each to the kernel and the next faults its pages in again; with it,
     at most one of them does (malloc may serve one from a second arena)."""
     def faults(**env):
+        clean = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "NORMLAB_KEEP_FREED_MEMORY", "LD_PRELOAD"))}
         out = subprocess.run([sys.executable, "-c", FRESH_TENSOR_FAULTS], capture_output=True, text=True,
-                             check=True, env={**os.environ, **env}).stdout.split()
+                             check=True, env={**clean, **env}).stdout.split()
         return out[0] == "True", int(out[1])
 
     applied, kept = faults()
-    assert applied and kept < 1.5 * 16384
+    if not applied:
+        pytest.skip("not glibc, or a glibc that refuses a 1 GiB mmap threshold")
+    assert kept < 1.5 * 16384
     applied, returned = faults(NORMLAB_KEEP_FREED_MEMORY="0")
     assert not applied and returned > 6 * 16384  # what the setting saves
     assert faults(MALLOC_ARENA_MAX="2")[0] is False  # the user's own malloc settings stand

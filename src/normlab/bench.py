@@ -34,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -339,20 +340,26 @@ def step_shares(events: Iterable[tuple[str, float, bool]]) -> dict[str, float]:
 def cpu_profile(**options):
     """``torch.profiler.profile`` of CPU activity, with the process's stderr (file descriptor 2)
     sent to /dev/null inside: kineto prints 'USDT: profiler_start/stop' lines from C++ on every
-    profile, which would bury the bench's figures."""
+    profile, which would bury the bench's figures. Python warnings raised inside are kept and
+    shown after."""
     from torch.profiler import ProfilerActivity, profile
 
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], **options) as prof:
-            yield prof
-    finally:
+    if sys.stderr is not None:
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with contextlib.ExitStack() as stack:
+        saved = os.dup(2)
+        stack.callback(os.close, saved)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        stack.callback(os.close, devnull)
+        with warnings.catch_warnings(record=True) as caught:
+            os.dup2(devnull, 2)
+            try:
+                with profile(activities=[ProfilerActivity.CPU], **options) as prof:
+                    yield prof
+            finally:
+                os.dup2(saved, 2)
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def profile_step(step: Callable[[], Any]) -> tuple[list[tuple[str, float, bool]], float]:

@@ -14,21 +14,17 @@ copy bandwidth, 2.5 x time(dst.copy_(src)) / time(norm), medians of alternated r
 ``torch.compile`` of the norm alone reached 0.25 but costs 17 s per process plus about 4 s per
 new shape, which every ``make demo`` worker and test process would pay. These kernels cost one
 build per machine (about 25 s of CPU time, a minute of wall time on a loaded machine; then
-0.03 s to load) and measured, reference -> fused:
+0.03 s to load); the README's Benchmarks section has their measured fractions (idle machine,
+175 GFLOP/s: 0.26-0.59 at (4096, 512), where the copy runs from cache and DyT/BHyT are bound by
+their tanh arithmetic, and 0.65-0.80 at (4096, 2048), against 0.05-0.13 for the formulas).
 
-    shape              rmsnorm      dyt          bhyt_star    bhyt apply(x, ms(x))
-    (4096, 512)        0.14 -> 0.58 0.15 -> 0.53 0.10 -> 0.63 0.07 -> 0.25
-    (4096, 8, 64) QK   0.09 -> 0.50 0.16 -> 0.71 0.10 -> 0.64 0.08 -> 0.23
-    (4096, 2048)       0.09 -> 0.83 0.09 -> 0.33 0.06 -> 0.33 0.05 -> 0.21
-
-BHyT's shared-statistic path stays near 0.2: its two Functions and autograd's sum of their dx
-make 13 tensor passes instead of 5. At (4096, 2048) the fresh 32 MiB outputs used to come from
-mmap, and page faults bounded the time as much as the kernels did; since normlab keeps freed
-host memory (``device.keep_freed_host_memory``) the fused RMSNorm went from 0.15 to 0.81 there.
-The kernels are built for the CPU's vector width: AVX2 and FMA, and 512-bit AVX-512 where torch
+At (4096, 2048) the fresh 32 MiB outputs used to come from mmap, and page faults bounded the time
+as much as the kernels did; since normlab keeps freed host memory
+(``device.keep_freed_host_memory``) the fused RMSNorm went from 0.15 to 0.75-0.81 there. The
+kernels are built for the CPU's vector width: AVX2 and FMA, and 512-bit AVX-512 where torch
 reports that capability, which moved DyT from 0.26 to 0.40 and BHyT* from 0.20 to 0.33 at
-(4096, 512), where the tanh arithmetic bounds them, and DyT from 0.53 to 0.75 at (4096, 2048)
-(AVX-512 EPYC, 2 threads, ~185 GFLOP/s, consecutive runs).
+(4096, 512) and DyT from 0.53 to 0.75 at (4096, 2048) (AVX-512 EPYC, 2 threads, ~185 GFLOP/s,
+consecutive runs).
 
 LayerNorm has no kernel here: ATen's ``F.layer_norm`` is already one fused pass each way, and a
 kernel of the same kind measured no faster (fraction of copy bandwidth, ATen / ours, idle
@@ -89,7 +85,8 @@ _reference_only = os.environ.get("NORMLAB_NORMS", "fast") == "reference"
 
 @contextlib.contextmanager
 def reference_norms():
-    """Run the eager reference formulas (every norm, RoPE, SwiGLU) inside the block."""
+    """Run the eager reference formulas (every norm, RoPE, SwiGLU, the LM head's loss) inside
+    the block."""
     global _reference_only
     before, _reference_only = _reference_only, True
     try:

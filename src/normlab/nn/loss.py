@@ -6,12 +6,14 @@ step, so that the (tokens x vocabulary) logits never exist at once where a fast 
 The formula (``F.linear`` then ``F.cross_entropy``) is the reference, and what runs while the
 logits fit in one chunk (``chunk_elements()``). Beyond that the fast path takes over, chosen by
 ``FastPath`` like the fused norms (so ``reference_norms()``, CPU autocast and compilation run
-the formula): on the CPU ``ChunkedLinearCrossEntropy`` (fp32); on CUDA liger-kernel's fused
-linear cross-entropy when it is installed (``triton_norms``). A train step at vocabulary 50,257
-(d 256, 4 layers, batch 8 x 256, 2 CPU threads at ~190 GFLOP/s) took 1.45-1.50 s instead of
-1.78-1.89 s with the formula and peaked at 1.4 GB of resident memory instead of 3.0-4.1 GB (two
-runs each): one chunk's logits (64 MiB) instead of three 411 MB tensors (logits, log-softmax,
-their gradient).
+the formula): on the CPU ``ChunkedLinearCrossEntropy`` (computing in fp32, for an fp32 head;
+like the norms' kernels it is taken only where normlab's CPU extension built); on CUDA
+liger-kernel's fused linear cross-entropy when it is installed (``triton_norms``; fp32 or bf16,
+so FSDP's bf16 parameters too). A train step at vocabulary 50,257
+(d 256, 4 layers, batch 8 x 256, 2 CPU threads at ~190 GFLOP/s) took 1.47-1.53 s against
+1.50-1.88 s with the formula (separate processes, two runs each, freed host memory kept in
+both) and peaked at 1.3-1.4 GB of resident memory against 2.1-4.1 GB: one chunk's
+logits (64 MiB) instead of three 411 MB tensors (logits, log-softmax, their gradient).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.errors import ConfigError
-from normlab.nn.norms import fast_elementwise
+from normlab.nn.norms import fast_kernel
 
 #: logits of one chunk at most, in elements (16 Mi fp32 = 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
@@ -33,7 +35,7 @@ def chunk_elements() -> int:
     value = os.environ.get("NORMLAB_LOSS_CHUNK_ELEMENTS")
     if value is None:
         return CHUNK_ELEMENTS
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ConfigError(f"NORMLAB_LOSS_CHUNK_ELEMENTS must be a positive integer, not '{value}'")
     return int(value)
 
@@ -45,7 +47,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
     # logits within one chunk are cheap to hold, and the formula is as fast or faster there
     if (hidden.shape[0] * weight.shape[0] > chunk_elements()
-            and (kernel := fast_elementwise("linear_cross_entropy", hidden, weight))):
+            and (kernel := fast_kernel("linear_cross_entropy", hidden, weight))):
         return kernel(hidden, weight, targets, ignore_index)
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
 

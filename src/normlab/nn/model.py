@@ -32,7 +32,8 @@ class CausalLMOutput:
 
 class NormLM(nn.Module):
     """Decoder-only language model; ``forward(ids)`` gives logits (B, T, V),
-    ``forward(ids, labels=ids)`` a :class:`CausalLMOutput` with the shifted next-token loss."""
+    ``forward(ids, labels=ids)`` a :class:`CausalLMOutput` with the shifted next-token loss and
+    ``forward(ids, targets=next_ids)`` one with the loss alone (no logits: the trainer's call)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -61,6 +62,8 @@ class NormLM(nn.Module):
         x, hidden = self.model(input_ids, output_hidden_states, position_ids=position_ids,
                                attention_mask=attention_mask, cache=cache)
         if targets is not None:
+            if labels is not None:
+                raise ValueError("NormLM.forward: give labels (shifted inside) or targets (already shifted), not both")
             return CausalLMOutput(logits=None, loss=linear_cross_entropy(x, self.lm_head.weight, targets),
                                   hidden_states=hidden)
         logits = self.lm_head(x)

@@ -20,17 +20,17 @@ from normlab.nn.registry import register_norm
 FAST_PATH = None
 
 
-def _fast(op: str, x: torch.Tensor, *params: torch.Tensor):
-    """The fast kernel computing ``op`` for this call, else None (the caller runs its formula)."""
+def fast_kernel(op: str, x: torch.Tensor, *params: torch.Tensor):
+    """The fast kernel computing ``op`` for this call (``FastPath.kernel``: x fp32 or bf16, the
+    parameters in the device's dtypes), else None (the caller runs its formula)."""
     return FAST_PATH.kernel(op, x, *params) if FAST_PATH is not None else None
 
 
 def fast_elementwise(op: str, x: torch.Tensor, *others: torch.Tensor):
-    """The fast kernel of 'rope', 'swiglu' or 'linear_cross_entropy' for these tensors, all
-    fp32, else None."""
+    """The fast kernel of 'rope' or 'swiglu' for these tensors, all fp32, else None."""
     if any(t.dtype != torch.float32 for t in (x, *others)):
         return None
-    return _fast(op, x, *others)
+    return fast_kernel(op, x, *others)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernel := _fast("rms_norm", x, self.weight):
+        if kernel := fast_kernel("rms_norm", x, self.weight):
             return kernel(x, self.weight, self.eps)
         # the gain goes inside: one call instead of two passes
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
@@ -107,7 +107,7 @@ class DyT(nn.Module):
         return self.alpha.to(x.dtype) * x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernel := _fast("dyt", x, self.alpha, self.weight):
+        if kernel := fast_kernel("dyt", x, self.alpha, self.weight):
             return kernel(x, self.alpha, self.weight)
         return self.weight * torch.tanh(self.argument(x))
 
@@ -140,7 +140,7 @@ class BHyT(nn.Module):
     @staticmethod
     def mean_square(x: torch.Tensor) -> torch.Tensor:
         """s2 = ms(x) in fp32, shape (..., 1)."""
-        if kernel := _fast("mean_square", x):
+        if kernel := fast_kernel("mean_square", x):
             return kernel(x)
         return _stat_dtype(x).pow(2).mean(-1, keepdim=True)
 
@@ -151,12 +151,12 @@ class BHyT(nn.Module):
         return self.lam.to(x.dtype) * scale * x
 
     def apply(self, x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-        if kernel := _fast("bhyt", x, s2, self.lam, self.weight):
+        if kernel := fast_kernel("bhyt", x, s2, self.lam, self.weight):
             return kernel(x, s2, self.lam, self.weight, self.kappa, self.eps)
         return self.weight * torch.tanh(self.argument(x, s2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernel := _fast("bhyt", x, self.lam, self.weight):  # ms(x) and its gradient inside the kernels
+        if kernel := fast_kernel("bhyt", x, self.lam, self.weight):  # ms(x) and its gradient inside the kernels
             return kernel(x, None, self.lam, self.weight, self.kappa, self.eps)
         return self.apply(x, self.mean_square(x))
 
@@ -175,7 +175,7 @@ class SharedBHyT(BHyT):
 
     def apply_with_statistic(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(apply(x, s2), s2) with s2 = statistic(x): one fused pass on the fast path."""
-        if kernel := _fast("bhyt_with_statistic", x, self.lam, self.weight):
+        if kernel := fast_kernel("bhyt_with_statistic", x, self.lam, self.weight):
             return kernel(x, self.lam, self.weight, self.kappa, self.eps)
         s2 = self.statistic(x)
         return self.apply(x, s2), s2
