@@ -76,7 +76,9 @@ def _assert_same_logits(hf, ours, ids: torch.Tensor) -> None:
 
 
 def _assert_same_greedy(hf, ours, prompt: torch.Tensor, new: int = 8) -> None:
-    """HF greedy generate equals normlab's, and HF feeds one token per step (its KV cache)."""
+    """HF greedy generate equals normlab's, HF feeds one token per step (its KV cache), and the
+    logits of every step equal normlab's over the whole sequence (a cache that HF's generate
+    does not pass on would show here even where the greedy tokens happen to agree)."""
     lengths: list[int] = []
 
     def record(_module, args, kwargs):
@@ -84,10 +86,14 @@ def _assert_same_greedy(hf, ours, prompt: torch.Tensor, new: int = 8) -> None:
 
     hook = hf.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                          do_sample=False)
+        generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                do_sample=False, output_logits=True, return_dict_in_generate=True)
     finally:
         hook.remove()
+    out = generated.sequences
+    with torch.no_grad(), reference_norms():
+        whole = ours(out[:, :-1])[:, prompt.shape[1] - 1:]
+    torch.testing.assert_close(torch.stack(generated.logits, 1), whole, rtol=0, atol=1e-4)
     expected = ours.generate(prompt, new, temperature=0.0, eos_token_id=EOS)
     n = out.shape[1]  # HF stops when every sequence emitted the end-of-text id
     assert torch.equal(out, expected[:, :n]) and bool((expected[:, n:] == EOS).all())

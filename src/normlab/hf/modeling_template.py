@@ -22,6 +22,10 @@ from normlab.nn.block import Block
 from normlab.nn.plan import LayerPlan
 from normlab.nn.registry import is_norm
 
+#: what this transformers calls the KV cache, as a forward argument and an output field: 'cache'
+#: (newer 5.x releases, whose generate passes ``cache=``) or 'past_key_values'
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def register_placement(*args, **kwargs) -> None:
     """Stands in for normlab's: an exported model reads its layer plans from config.json, so a
@@ -37,7 +41,7 @@ class NormlabConfig(PretrainedConfig):
     modules, next to the Hugging Face standard names (``hidden_size``, ...)."""
 
     model_type = "normlab"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
 
 class NormlabForCausalLM(PreTrainedModel, GenerationMixin):
@@ -74,21 +78,24 @@ class NormlabForCausalLM(PreTrainedModel, GenerationMixin):
                 module.refresh_c_attn(self.config.bhyt_context_len)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                position_ids: torch.LongTensor | None = None, cache=None, past_key_values=None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states: bool | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
-        """Logits of the last ``logits_to_keep`` positions (0: all). ``past_key_values`` is any
-        transformers ``Cache``; with ``use_cache`` (default true) and none given, a new
-        ``DynamicCache``. ``labels`` as in transformers (shifted inside, -100 ignored)."""
+        """Logits of the last ``logits_to_keep`` positions (0: all). ``cache`` (older transformers:
+        ``past_key_values``) is any transformers ``Cache``; with ``use_cache`` (default true) and
+        none given, a new ``DynamicCache``. ``labels`` as in transformers (shifted inside, -100
+        ignored)."""
+        if cache is None:
+            cache = past_key_values
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden, hidden_states = self.model(input_ids, bool(output_hidden_states), position_ids=position_ids,
-                                           attention_mask=attention_mask, cache=past_key_values)
+                                           attention_mask=attention_mask, cache=cache)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
@@ -96,4 +103,4 @@ class NormlabForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states,
-                                      past_key_values=past_key_values if use_cache else None)
+                                      **{CACHE_NAME: cache if use_cache else None})
