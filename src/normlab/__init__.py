@@ -22,8 +22,7 @@ from normlab.strategies import (
     register_placement,
     register_strategy,
 )
-
-__version__ = "0.1.0"
+from normlab.version import __version__ as __version__
 
 __all__ = [
     "STRATEGIES", "CausalLMOutput", "CheckpointError", "ConfigError", "DataError", "LayerPlan",

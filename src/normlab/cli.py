@@ -190,7 +190,7 @@ def _cmd_stability(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from normlab.config import check_choice
+    from normlab.errors import check_choice
     from normlab.reproduce import BUDGETS, reproduce, select_claims
 
     claims = select_claims(args.claims)

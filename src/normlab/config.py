@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from normlab.device import pick_device
-from normlab.errors import ConfigError, NormlabError
+from normlab.errors import ConfigError, NormlabError, check_choice, did_you_mean
 from normlab.plugins import check_specs, load_plugins, resolve
 
 
@@ -43,25 +42,6 @@ QK_NORMS = ("none", "qk", "qkv")
 QK_NORM_SCOPES = ("head", "full")
 INIT_SCHEMES = ("normal", "megatron", "depth_scaled", "deepnorm")
 LAYER_OVERRIDE_KEYS = ("placement", "qk_norm", "residual_scale", "branch_scale")
-
-
-def did_you_mean(value: str, choices: Any) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``.
-
-    A choice the value starts with wins ('prenorm' -> 'pre'), then the closest spelling."""
-    choices = [str(c) for c in choices]
-    prefixes = [c for c in choices if len(c) >= 3 and str(value).startswith(c)]
-    close = sorted(prefixes, key=len)[-1:] or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise ConfigError naming ``name`` when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(
-            f"{name}: unknown value '{value}'{did_you_mean(value, choices)}; "
-            f"choose one of {', '.join(choices)}"
-        )
 
 
 def dyt_alpha_rule(d_model: int) -> tuple[float, float]:

@@ -1,5 +1,10 @@
 """Errors a user can cause. The CLI prints ``str(err)`` as one line and exits with status 2."""
 
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
 
 class NormlabError(Exception):
     """Base class for every user-facing error (bad config, bad data, bad checkpoint)."""
@@ -15,3 +20,22 @@ class DataError(NormlabError):
 
 class CheckpointError(NormlabError):
     """A missing, corrupt or incompatible checkpoint or run directory."""
+
+
+def did_you_mean(value: str, choices: Any) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``.
+
+    A choice the value starts with wins ('prenorm' -> 'pre'), then the closest spelling."""
+    choices = [str(c) for c in choices]
+    prefixes = [c for c in choices if len(c) >= 3 and str(value).startswith(c)]
+    close = sorted(prefixes, key=len)[-1:] or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise ConfigError naming ``name`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(
+            f"{name}: unknown value '{value}'{did_you_mean(value, choices)}; "
+            f"choose one of {', '.join(choices)}"
+        )

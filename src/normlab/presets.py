@@ -65,7 +65,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def preset_fields(name: str) -> dict[str, Any]:
     """The ModelConfig fields a preset sets (sizes, vocabulary, context, RoPE base, MoE)."""
-    from normlab.config import check_choice
+    from normlab.errors import check_choice
 
     check_choice("preset", name, tuple(PRESETS))
     return dict(PRESETS[name].model)

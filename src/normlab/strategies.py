@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from normlab.config import check_choice
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, check_choice
 from normlab.nn.plan import LayerPlan
 from normlab.nn.registry import shares_statistic
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from normlab.compare.report import eval_results, write_report
 from normlab.compare.sweep import plan_runs, run_sweep, worker_env
-from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides, check_choice
+from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides
 from normlab.data import unigram_loss
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, check_choice
 from normlab.eval import default_results_path, load_task
 from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES

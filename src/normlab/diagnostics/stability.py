@@ -12,10 +12,9 @@ from normlab.compare.plots import save
 from normlab.compare.report import LATE_PART, STALL_MARGIN, run_summary
 from normlab.compare.stats import mean_std
 from normlab.compare.sweep import plan_runs, run_dir, run_sweep
-from normlab.config import check_choice
 from normlab.data import unigram_loss
 from normlab.diagnostics.figures import stability_maps
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, check_choice
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text
 

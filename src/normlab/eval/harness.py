@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import normlab
 from normlab.data import Tokenizer
 from normlab.errors import ConfigError, DataError
 from normlab.eval.scoring import Request, Score, encode_pair, rolling_windows, score
@@ -22,6 +21,7 @@ from normlab.eval.tasks import Task, load_task
 from normlab.nn.model import NormLM
 from normlab.train.checkpoint import atomic_write_text
 from normlab.train.saved import load_run
+from normlab.version import __version__
 
 StrPath = str | os.PathLike[str]
 
@@ -69,7 +69,7 @@ def evaluate(model: NormLM, tokenizer: Tokenizer, tasks: Sequence[StrPath], *,
             "metrics": _metrics(task, items, scores),
         }
     return {
-        "normlab_version": normlab.__version__,
+        "normlab_version": __version__,
         "checkpoint_step": None,
         "tokenizer": tokenizer.name,
         "max_seq_len": max_seq_len,

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normlab.config import did_you_mean
-from normlab.errors import DataError
+from normlab.errors import DataError, did_you_mean
 
 FORMATS: dict[str, dict[str, type]] = {
     "multiple_choice": {"query": str, "choices": list, "gold": int},

@@ -33,12 +33,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from normlab.config import ModelConfig, check_choice
+from normlab.config import ModelConfig
 from normlab.data import Tokenizer
-from normlab.errors import CheckpointError, ConfigError
+from normlab.errors import CheckpointError, ConfigError, check_choice
 from normlab.nn.model import NormLM
 from normlab.nn.registry import norm_class
 from normlab.strategies import describe_plan, layer_plans
+from normlab.version import __version__
 
 FORMATS = ("auto", "stock", "custom")
 WEIGHTS_FILE, CONFIG_FILE, MODELING_FILE = "model.safetensors", "config.json", "modeling_normlab.py"
@@ -186,7 +187,7 @@ def _standard_config(model: NormLM, eos_id: int) -> dict:
         "rms_norm_eps": cfg.norm_eps, "attention_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos_id, "eos_token_id": eos_id,
         "pad_token_id": None, "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-        "exported_by": f"normlab {_version()}",
+        "exported_by": f"normlab {__version__}",
     }
 
 
@@ -211,7 +212,7 @@ def modeling_source(plugins: dict[str, tuple[str, list[str]]] | None = None) -> 
     the norm classes it registers. Raises RuntimeError when a dropped import names something
     the bundle does not define, or the bundle imports anything beyond torch, transformers and
     the standard library."""
-    parts = [f'"""A normlab {_version()} model for transformers (trust_remote_code=True), generated '
+    parts = [f'"""A normlab {__version__} model for transformers (trust_remote_code=True), generated '
              'by normlab.hf.export from normlab\'s own model source."""\n\nfrom __future__ import annotations\n']
     dropped: list[tuple[str, str]] = []
     for module in BUNDLED_MODULES:
@@ -331,7 +332,4 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _version() -> str:
-    from normlab import __version__
 
-    return __version__

@@ -11,10 +11,10 @@ from typing import Any
 from normlab.compare.compare import Variant, parse_variants
 from normlab.compare.report import COMPLETED, run_summary
 from normlab.compare.sweep import plan_runs, run_dir, run_sweep
-from normlab.config import RunConfig, did_you_mean
+from normlab.config import RunConfig
 from normlab.data import unigram_loss
 from normlab.diagnostics import diagnose
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, did_you_mean
 from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
 from normlab.reproduce.report import write_report
 from normlab.train.checkpoint import list_checkpoints
