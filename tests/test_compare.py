@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,9 @@ from normlab.compare.stats import mean_std, paired_difference
 from normlab.config import RunConfig
 from normlab.errors import ConfigError, NormlabError
 from normlab.train.rundir import RunDir
+from normlab.workers import WorkerPool, serve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
@@ -364,3 +371,53 @@ def test_budget_check_warns_when_losses_still_fall_faster_than_the_gaps(sweep):
     assert run["late_val_drop"] == pytest.approx(evaluated[0]["val_loss"] - evaluated[1]["val_loss"])
     report = (out / "report.md").read_text()
     assert (summary["budget"]["message"] in report) and (summary["budget"]["adequate"] is not None)
+
+
+def test_worker_pool_runs_commands_in_forked_children_and_survives_a_lost_server(tmp_path):
+    """Exit statuses and logs of ``normlab ARGV`` through one server (jobs=1): a good command,
+    a user error (2, its one line last in the log), and a command after the server was killed
+    (a new server takes over)."""
+    config = str(ROOT / "configs" / "tiny.yaml")
+    with WorkerPool(1) as workers:
+        assert workers.run(["model", "--config", config], tmp_path / "a.log") == 0
+        assert "layer" in (tmp_path / "a.log").read_text()
+        assert workers.run(["model", "--config", str(tmp_path / "missing.yaml")], tmp_path / "b.log") == 2
+        assert (tmp_path / "b.log").read_text().strip().splitlines()[-1].startswith("normlab: error:")
+        assert workers.started == 1  # both ran in children of the one server
+        server = workers.idle.queue[0]
+        server.kill()
+        server.wait()
+        assert workers.run(["model", "--config", config], tmp_path / "c.log") == 1  # sent to the dead one
+        assert workers.run(["model", "--config", config], tmp_path / "d.log") == 0  # a new server
+    assert server.returncode is not None and workers.idle.empty()
+
+
+def test_an_interrupted_server_runs_no_further_commands(tmp_path):
+    replies = io.StringIO()
+    serve(io.StringIO(json.dumps({"argv": ["model"], "log": str(tmp_path / "x.log"), "threads": 1}) + "\n"),
+          replies, [True])
+    assert replies.getvalue() == "130\n" and not (tmp_path / "x.log").exists()
+
+
+def test_ctrl_c_stops_a_parallel_sweep_and_its_workers(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while two runs train: both stop at a step boundary
+    and are marked interrupted, the third never starts, compare exits 130, no process is left."""
+    env = {**os.environ, "NORMLAB_CACHE": os.environ.get("NORMLAB_CACHE", str(tmp_path / "cache"))}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "normlab.cli", "compare", "--strategies", "pre_norm,post_norm,dyt",
+                             "--seeds", "0", "--jobs", "2", "--out", str(out), *TINY, "train.max_steps=100000",
+                             "train.save_every=100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    metrics = [out / "runs" / name / "metrics.jsonl" for name in ("pre_norm-s0", "post_norm-s0")]
+    while not all(m.exists() and m.stat().st_size for m in metrics):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert [RunDir(out / "runs" / n).read_status()["status"] for n in ("pre_norm-s0", "post_norm-s0")] == [
+        "interrupted", "interrupted"]
+    assert not (out / "runs" / "dyt-s0").exists()
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left
+        os.killpg(proc.pid, 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.report import eval_results, write_report
-from normlab.compare.sweep import plan_runs, run_sweep, worker_env
+from normlab.compare.sweep import plan_runs, run_sweep
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides
 from normlab.data import unigram_loss
 from normlab.errors import ConfigError, check_choice
@@ -27,6 +26,7 @@ from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
+from normlab.workers import WorkerPool
 
 
 @dataclass
@@ -143,11 +143,12 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
 def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: dict[str, Any],
                   progress: bool, jobs: int = 1) -> None:
     """Score the tasks on each finished run's last checkpoint into ``RUN/eval/step_N.json``,
-    ``jobs`` runs at a time (worker processes, like training), skipping runs already scored with
+    ``jobs`` runs at a time (worker processes, like training; output in OUT/sweep/NAME.eval.log), skipping runs already scored with
     the same tasks and options (``recorded``: the spec's ``eval`` entry). A run whose scoring
     fails is reported and the others go on; its report cells stay empty."""
     todo = [name for name in names if eval_results(RunDir(out / "runs" / name), recorded) is None]
-    env = worker_env(jobs)
+    logs = out / "sweep"
+    logs.mkdir(parents=True, exist_ok=True)
     options = ["--tasks", ",".join(evaluation.tasks), "--num-fewshot", str(evaluation.num_fewshot), "-q"]
     options += ["--data-dir", evaluation.data_dir] if evaluation.data_dir else []
     options += ["--limit", str(evaluation.limit)] if evaluation.limit else []
@@ -158,14 +159,14 @@ def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: d
         head = f"[{index}/{len(todo)}] {name}"
         started = time.perf_counter()
         target = default_results_path(run.path, list_checkpoints(run.checkpoints)[-1].step)
-        result = subprocess.run([sys.executable, "-m", "normlab.cli", "evaluate", str(run.path), *options,
-                                 "--out", str(target)], env=env, capture_output=True, text=True)
-        if result.returncode:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            print(f"{head}: evaluation failed ({lines[-1] if lines else result.returncode}); continuing",
+        log = logs / f"{name}.eval.log"
+        code = workers.run(["evaluate", str(run.path), *options, "--out", str(target)], log)
+        if code:
+            lines = log.read_text(errors="replace").strip().splitlines()
+            print(f"{head}: evaluation failed ({lines[-1] if lines else code}); continuing",
                   file=sys.stderr, flush=True)
         elif progress:
             print(f"{head}: evaluated in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with WorkerPool(jobs) as workers, ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(work, enumerate(todo, 1)))

@@ -9,8 +9,6 @@ both build on this.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ from normlab.errors import CheckpointError, NormlabError
 from normlab.train.checkpoint import atomic_write_text
 from normlab.train.rundir import RunDir
 from normlab.train.trainer import EXIT_DIVERGED, load_data, train
+from normlab.workers import WorkerPool
 
 DONE = ("finished", "diverged")
 
@@ -107,12 +106,11 @@ def run_sweep(runs: list[SweepRun], out: Path, progress: bool = True, jobs: int 
 
 def _run_parallel(todo: list[tuple[str, SweepRun]], out: Path, progress: bool, jobs: int) -> dict[str, str]:
     """Train runs in ``jobs`` worker processes (``normlab train`` on each run's resolved config,
-    written to OUT/sweep/NAME.yaml); returns name -> status."""
+    written to OUT/sweep/NAME.yaml, its output to OUT/sweep/NAME.log); returns name -> status."""
     configs = out / "sweep"
     configs.mkdir(exist_ok=True)
     for _, run in todo:
         atomic_write_text(configs / f"{run.name}.yaml", run.config.to_yaml())
-    env = worker_env(jobs)
     user_errors: list[str] = []
     interrupted: list[str] = []
 
@@ -123,32 +121,26 @@ def _run_parallel(todo: list[tuple[str, SweepRun]], out: Path, progress: bool, j
         directory = run_dir(out, run)
         _say(f"{head}: {'resuming' if directory.exists() else 'training'}", progress)
         started = time.perf_counter()
-        cmd = [sys.executable, "-m", "normlab.cli", "train", "--config", str(configs / f"{run.name}.yaml"),
-               "--out", str(directory.path), "--resume", "--quiet"]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        last = lines[-1] if lines else f"exit status {result.returncode}"
-        if result.returncode == 2:
+        log = configs / f"{run.name}.log"
+        code = workers.run(["train", "--config", str(configs / f"{run.name}.yaml"), "--out", str(directory.path),
+                            "--resume", "--quiet"], log)
+        lines = log.read_text(errors="replace").strip().splitlines()
+        last = lines[-1] if lines else f"exit status {code}"
+        if code == 2:
             user_errors.append(last)
             return run.name, "failed"
-        status = {0: "finished", EXIT_DIVERGED: "diverged", 130: "interrupted"}.get(result.returncode, "failed")
+        status = {0: "finished", EXIT_DIVERGED: "diverged", 130: "interrupted"}.get(code, "failed")
         if status == "interrupted":
             interrupted.append(run.name)  # Ctrl-C: start no further runs
         detail = last.split(": ", 1)[-1] if status != "failed" else f"{last}; continuing"
         _say(f"{head}: {detail} in {time.perf_counter() - started:.0f} s", progress or status == "failed")
         return run.name, status
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with WorkerPool(jobs) as workers, ThreadPoolExecutor(max_workers=jobs) as pool:
         statuses = dict(pool.map(work, todo))
     if user_errors:
         raise NormlabError(user_errors[0].removeprefix("normlab: error: "))
     return statuses
-
-
-def worker_env(jobs: int) -> dict[str, str]:
-    """The environment of one of ``jobs`` worker processes: cpu_count / jobs threads each."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def _say(message: str, progress: bool) -> None:
