@@ -28,7 +28,7 @@ DEMO_SEEDS ?= 0,1,2
 DEMO_JOBS  ?= 2
 
 # The main job: a controlled comparison on the embedded corpus, 7 strategies x 3 seeds, two runs
-# at a time (4 min 40 s on 2 idle cores at 202 GFLOP/s). Re-running skips finished runs and resumes the others.
+# at a time (4 min 40 s on 2 idle cores at 202 GFLOP/s, 5 min 24 s at 138). Re-running skips finished runs and resumes the others.
 demo: $(STAMP)
 	$(BIN)/normlab compare --config configs/tiny.yaml --strategies $(DEMO_STRATEGIES) \
 	    --seeds $(DEMO_SEEDS) --jobs $(DEMO_JOBS) --out $(DEMO_OUT)
