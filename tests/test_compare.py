@@ -395,7 +395,7 @@ def test_worker_pool_runs_commands_in_forked_children_and_survives_a_lost_server
 def test_an_interrupted_server_runs_no_further_commands(tmp_path):
     replies = io.StringIO()
     serve(io.StringIO(json.dumps({"argv": ["model"], "log": str(tmp_path / "x.log"), "threads": 1}) + "\n"),
-          replies, [True])
+          replies, [True], main)
     assert replies.getvalue() == "130\n" and not (tmp_path / "x.log").exists()
 
 

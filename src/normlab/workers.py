@@ -23,15 +23,16 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-#: what the servers import before their first fork
-PRELOAD = ("normlab.cli", "normlab.train.trainer", "torch._dynamo")
+#: what the servers import before their first fork, besides the CLI (SERVER)
+PRELOAD = ("normlab.train.trainer", "torch._dynamo")
 #: a server's program. From its first line a Ctrl-C is only noted: the runs (children) handle
 #: it themselves and exit 130; a server that got one answers 130 to later commands unrun
 SERVER = ("import signal, sys; noted = []; signal.signal(signal.SIGINT, lambda *_: noted.append(True)); "
-          "from normlab.workers import serve; serve(sys.stdin, sys.stdout, noted)")
+          "from normlab.cli import main; from normlab.workers import serve; serve(sys.stdin, sys.stdout, noted, main)")
 
 
 def worker_threads(jobs: int) -> int:
@@ -95,9 +96,9 @@ class WorkerPool:
             server.wait()
 
 
-def serve(commands: IO[str], replies: IO[str], interrupted: list) -> None:
+def serve(commands: IO[str], replies: IO[str], interrupted: list, main: Callable[[list[str]], int]) -> None:
     """The server: import ``PRELOAD``, then for each command line ({"argv", "log", "threads"})
-    fork a child that runs it and reply with the child's exit status, or with 130 without
+    fork a child that runs ``main(argv)`` (the CLI's) and reply with the child's exit status, or with 130 without
     running it once ``interrupted`` (the server's Ctrl-C) is true; ends when its input closes."""
     for module in PRELOAD:
         with contextlib.suppress(ImportError):  # the child imports what it needs and logs the error
@@ -110,13 +111,13 @@ def serve(commands: IO[str], replies: IO[str], interrupted: list) -> None:
         job = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(job)
+            _child(job, main)
         _, status = os.waitpid(pid, 0)  # a noted Ctrl-C does not break it off (PEP 475)
         replies.write(f"{os.waitstatus_to_exitcode(status)}\n")
         replies.flush()
 
 
-def _child(job: dict) -> None:
+def _child(job: dict, main: Callable[[list[str]], int]) -> None:
     """Run one command in the forked child and leave with its exit status (never returns)."""
     code = 1
     try:
@@ -127,8 +128,6 @@ def _child(job: dict) -> None:
             os.dup2(sink, stream.fileno())
             stream.reconfigure(line_buffering=True)  # stdout and stderr keep their order in the log
         import torch
-
-        from normlab.cli import main
 
         torch.set_num_threads(job["threads"])
         code = main(job["argv"])
