@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from normlab import ModelConfig, build_model
+from normlab.cli import main
 from normlab.config import RunConfig
 from normlab.diagnostics import diagnose, measures
 from normlab.diagnostics.stability import stability
@@ -152,16 +151,14 @@ def test_diagnose_writes_every_diagnostic(trained_runs):
     assert older["step"] == 6 and older["bhyt_statistic"] is None
 
 
-def test_diagnose_bad_input_exit_2(trained_runs, tmp_path):
+def test_diagnose_bad_input_exit_2(trained_runs, tmp_path, capsys):
+    """The CLI's main in this process (a new interpreter would spend seconds on imports)."""
     root, runs = trained_runs
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "normlab.cli", "diagnose", *args], capture_output=True, text=True)
-
-    result = cli(str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
-    assert result.returncode == 2 and "holds no normlab run" in result.stderr
-    result = cli(str(runs["pre_norm"]), "--out", str(tmp_path / "o"), "--checkpoint", "5")
-    assert result.returncode == 2 and "no checkpoint at step 5 (have 6, 12)" in result.stderr
+    assert main(["diagnose", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no normlab run" in err and err.count("\n") == 1
+    assert main(["diagnose", str(runs["pre_norm"]), "--out", str(tmp_path / "o"), "--checkpoint", "5"]) == 2
+    assert "no checkpoint at step 5 (have 6, 12)" in capsys.readouterr().err
 
 
 def test_stability_marks_absurd_lr_as_diverged(tmp_path):
