@@ -4,11 +4,11 @@ per run, without paying Python's and torch's imports each time.
 A new interpreter spends 3-4 s importing torch, normlab's CLI and trainer, and torch._dynamo
 (which torch.optim imports when it builds the first optimizer): about as long as a smoke-sized
 run trains, once per run of a sweep. So each of the ``jobs`` slots of a ``WorkerPool`` is a
-server (``SERVER``) that imports them once, then forks one child per
-command: every run still gets a fresh process (its own memory, RNG and exit status), and the
-caller's ``__main__`` is never imported again, unlike with multiprocessing's forkserver. The
-server runs no torch operation before it forks, so no thread pool is copied into a child.
-Without ``os.fork`` (Windows) each command is a new interpreter.
+server (``SERVER``) that imports them once, then forks one child per command: every run still
+gets a fresh process (its own memory, RNG and exit status), and the caller's ``__main__`` is
+never imported again, unlike with multiprocessing's forkserver. The server runs no torch
+operation before it forks, so no thread pool is copied into a child. Without ``os.fork``
+(Windows) each command is a new interpreter.
 """
 
 from __future__ import annotations
@@ -35,18 +35,20 @@ SERVER = ("import signal, sys; noted = []; signal.signal(signal.SIGINT, lambda *
           "from normlab.cli import main; from normlab.workers import serve; serve(sys.stdin, sys.stdout, noted, main)")
 
 
-def worker_threads(jobs: int) -> int:
-    """Threads of each of ``jobs`` worker processes: cpu_count / jobs."""
-    return max(1, (os.cpu_count() or 1) // jobs)
+def log_tail(log: Path, code: int) -> str:
+    """The last line a worker wrote to ``log`` (its result or its error), else its exit status."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {code}"
 
 
 class WorkerPool:
     """``jobs`` worker slots; ``run(argv, log)`` may be called from up to ``jobs`` threads at once
     and returns the exit status of ``normlab ARGV`` (negative: killed by that signal), its stdout
-    and stderr in ``log``. Use it as a context manager: leaving it stops the servers."""
+    and stderr in ``log``; each worker has cpu_count / jobs threads. Use it as a context manager:
+    leaving it stops the servers."""
 
     def __init__(self, jobs: int) -> None:
-        self.jobs, self.threads = jobs, worker_threads(jobs)
+        self.jobs, self.threads = jobs, max(1, (os.cpu_count() or 1) // jobs)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         self.forks = hasattr(os, "fork")
         self.idle: queue.Queue[subprocess.Popen] = queue.Queue()
@@ -66,7 +68,7 @@ class WorkerPool:
         return self.idle.get()
 
     def run(self, argv: list[str], log: Path) -> int:
-        log.write_bytes(b"")
+        log.write_bytes(b"")  # created here: a child that dies before writing leaves it empty
         if not self.forks:
             with open(log, "wb") as sink:
                 return subprocess.run([sys.executable, "-m", "normlab.cli", *argv], env=self.env, stdout=sink,
@@ -78,8 +80,9 @@ class WorkerPool:
             reply = server.stdout.readline()
         except OSError:  # the server is gone (killed): this run failed, the next one gets a new server
             reply = ""
-        code = int(reply) if reply else 1
-        if not reply:  # Ctrl-C before the server set its handler ends it with SIGINT: the run is interrupted
+        if reply:
+            code = int(reply)
+        else:  # Ctrl-C before the server set its handler ends it with SIGINT: the run is interrupted
             server.kill()
             code = 130 if server.wait() == -signal.SIGINT else 1
             server = self._server()
@@ -98,8 +101,9 @@ class WorkerPool:
 
 def serve(commands: IO[str], replies: IO[str], interrupted: list, main: Callable[[list[str]], int]) -> None:
     """The server: import ``PRELOAD``, then for each command line ({"argv", "log", "threads"})
-    fork a child that runs ``main(argv)`` (the CLI's) and reply with the child's exit status, or with 130 without
-    running it once ``interrupted`` (the server's Ctrl-C) is true; ends when its input closes."""
+    fork a child that runs ``main(argv)`` (the CLI's) and reply with the child's exit status, or
+    with 130 without running it once ``interrupted`` (the server's Ctrl-C) is true; ends when its
+    input closes."""
     for module in PRELOAD:
         with contextlib.suppress(ImportError):  # the child imports what it needs and logs the error
             importlib.import_module(module)

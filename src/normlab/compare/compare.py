@@ -26,7 +26,7 @@ from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
-from normlab.workers import WorkerPool
+from normlab.workers import WorkerPool, log_tail
 
 
 @dataclass
@@ -143,9 +143,10 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
 def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: dict[str, Any],
                   progress: bool, jobs: int = 1) -> None:
     """Score the tasks on each finished run's last checkpoint into ``RUN/eval/step_N.json``,
-    ``jobs`` runs at a time (worker processes, like training; output in OUT/sweep/NAME.eval.log), skipping runs already scored with
-    the same tasks and options (``recorded``: the spec's ``eval`` entry). A run whose scoring
-    fails is reported and the others go on; its report cells stay empty."""
+    ``jobs`` runs at a time (worker processes, like training; output in OUT/sweep/NAME.eval.log),
+    skipping runs already scored with the same tasks and options (``recorded``: the spec's
+    ``eval`` entry). A run whose scoring fails is reported and the others go on; its report
+    cells stay empty."""
     todo = [name for name in names if eval_results(RunDir(out / "runs" / name), recorded) is None]
     logs = out / "sweep"
     logs.mkdir(parents=True, exist_ok=True)
@@ -162,9 +163,7 @@ def evaluate_runs(out: Path, names: list[str], evaluation: EvalSpec, recorded: d
         log = logs / f"{name}.eval.log"
         code = workers.run(["evaluate", str(run.path), *options, "--out", str(target)], log)
         if code:
-            lines = log.read_text(errors="replace").strip().splitlines()
-            print(f"{head}: evaluation failed ({lines[-1] if lines else code}); continuing",
-                  file=sys.stderr, flush=True)
+            print(f"{head}: evaluation failed ({log_tail(log, code)}); continuing", file=sys.stderr, flush=True)
         elif progress:
             print(f"{head}: evaluated in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 

@@ -21,7 +21,7 @@ from normlab.errors import CheckpointError, NormlabError
 from normlab.train.checkpoint import atomic_write_text
 from normlab.train.rundir import RunDir
 from normlab.train.trainer import EXIT_DIVERGED, load_data, train
-from normlab.workers import WorkerPool
+from normlab.workers import WorkerPool, log_tail
 
 DONE = ("finished", "diverged")
 
@@ -124,8 +124,7 @@ def _run_parallel(todo: list[tuple[str, SweepRun]], out: Path, progress: bool, j
         log = configs / f"{run.name}.log"
         code = workers.run(["train", "--config", str(configs / f"{run.name}.yaml"), "--out", str(directory.path),
                             "--resume", "--quiet"], log)
-        lines = log.read_text(errors="replace").strip().splitlines()
-        last = lines[-1] if lines else f"exit status {code}"
+        last = log_tail(log, code)
         if code == 2:
             user_errors.append(last)
             return run.name, "failed"
