@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from normlab.cli import main
-from normlab.config import RunConfig
+from normlab.config import RunConfig, TrainConfig
 from normlab.train.checkpoint import list_checkpoints, save_checkpoint
-from normlab.train.optim import lr_factor, param_groups
+from normlab.train.optim import build_optimizer, lr_factor, param_groups
 from normlab.train.rundir import RunDir
 from normlab.train.trainer import run_config, train
 
@@ -70,6 +71,32 @@ def test_no_weight_decay_on_norms_and_scalars():
     assert "model.norm.weight" in no_decay_names
     assert all(n.endswith("proj.weight") or "embed" in n or "lm_head" in n
                for n in (names[id(p)] for p in decay["params"]))
+
+
+def test_optimizer_is_fused_and_matches_the_reference_adamw():
+    """build_optimizer's fused update equals torch's per-tensor AdamW (foreach=False, the reference
+    loop) over steps with weight decay on matrices only."""
+    from normlab import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    fused_model = build_model(ModelConfig.from_strategy("pre_norm", d_model=32, n_layers=2, n_heads=2))
+    loop_model = copy.deepcopy(fused_model)
+    start = copy.deepcopy(fused_model.state_dict())
+    settings = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(fused_model, settings)
+    loop = torch.optim.AdamW(param_groups(loop_model, 0.1), lr=1e-2, betas=(settings.beta1, settings.beta2),
+                             eps=1e-8, foreach=False)
+    assert all(group["fused"] for group in fused.param_groups)
+    ids = torch.randint(0, 256, (2, 16))
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            model(ids, targets=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    moved = [name for name, p in fused_model.named_parameters() if not torch.equal(p, start[name])]
+    assert "model.norm.weight" in moved and "model.layers.0.self_attn.q_proj.weight" in moved
 
 
 def test_metrics_status_config_and_learning(tmp_path):
