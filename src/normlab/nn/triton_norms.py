@@ -286,13 +286,15 @@ TRITON_OPS = {"dyt": _DyT.apply, "bhyt": _BHyT.apply, "bhyt_with_statistic": _BH
 
 
 def _liger_ops() -> dict:
-    """liger-kernel's kernels (op -> function), empty with one warning when it is not installed."""
+    """liger-kernel's kernels (op -> function), empty when it is not installed: with one warning
+    where a GPU could use them (none under ``TRITON_INTERPRET`` on a CPU-only machine)."""
     try:
         import liger_kernel.ops.dyt  # noqa: F401
         import liger_kernel.ops.rms_norm  # noqa: F401
     except ImportError as error:
-        warnings.warn(f"normlab: liger-kernel unavailable ({error}); RMSNorm on CUDA runs its formula "
-                      "(pip install 'normlab[gpu]')", stacklevel=2)
+        if torch.cuda.is_available():
+            warnings.warn(f"normlab: liger-kernel unavailable ({error}); RMSNorm on CUDA runs its formula "
+                          "(pip install 'normlab[gpu]')", stacklevel=2)
         return {}
     return {"rms_norm": _liger_rms_norm, "dyt": _liger_dyt, "linear_cross_entropy": _liger_linear_cross_entropy}
 
