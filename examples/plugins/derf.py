@@ -1,7 +1,7 @@
 """Derf ("dynamic erf", Chen et al., "Stronger Normalization-Free Transformers", 2025) added to
 normlab from outside, through its public API only:
 
-    normlab compare --plugin examples/plugins/derf.py --strategies dyt,derf --out runs/derf
+    normlab compare --plugin examples/plugins/derf.py --strategies dyt,derf --baseline dyt --out runs/derf
 """
 
 import torch

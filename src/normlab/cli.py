@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(
         "reproduce", help="the papers' claims as experiments with verdicts (reproduced / not / inconclusive)",
-        description="Train the runs the chosen claims (METHODS.md §6 numbers) need at one budget, "
+        description="Train the runs the chosen claims (numbered as in docs/reproduce.md) need at one budget, "
         "once each and resumably, diagnose their last checkpoints and write reproduce.html, "
         "reproduce.md and claims.json into --out: a verdict per claim with the effect's 95% CI "
         "over seeds beside the paper's number. Budgets: smoke (machinery only, ~1 min), cpu "

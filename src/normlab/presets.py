@@ -2,8 +2,9 @@
 training recipe in ``configs/<name>.yaml``); the normalization strategy stays a separate choice:
 ``ModelConfig.from_preset("hybridnorm-550m", strategy="pre_norm")`` is that paper's baseline.
 
-Numbers are from ../shared/METHODS.md §1.4 (HybridNorm, OLMo-2/OLMoE code), §2.4 (Mix-LN, the
-repo's LLaMA configs) and §3.6 (BHyT, Llama-3.2 configs).
+Numbers are from the papers and their code: HybridNorm App. C Table 10 (OLMo-2 / OLMoE configs),
+Mix-LN App. A.1 Table 7 (its LLaMA configs) and BHyT's Llama-3.2 configs (`normlab presets` prints them
+beside the papers' parameter counts).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def _downstream(run: RunDir, evaluation: dict[str, Any]) -> dict[str, dict[str, 
 
 
 def depth_profile(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Two depth effects from a run's ``layers.jsonl`` (METHODS.md §6 claims 1 and 3):
+    """Two depth effects from a run's ``layers.jsonl`` (claims 1 and 3 of docs/reproduce.md):
     ``residual_growth`` = ln(RMS_L / RMS_1), the residual stream leaving the last block over
     leaving the first, at the last record; ``grad_tilt`` = deep-half minus shallow-half mean of
     ln ‖∂L/∂θ_l‖ at the first record (step 1: at init; > 0 = early layers get smaller
@@ -370,7 +370,7 @@ def depth_note(summary: dict[str, Any]) -> str | None:
     entries = summary["strategies"]
     if all(e["residual_growth"]["mean"] is None and e["grad_tilt"]["mean"] is None for e in entries.values()):
         return None
-    note = ("Depth effects the papers describe (METHODS.md §6): the residual stream grows with depth "
+    note = ("Depth effects the papers describe: the residual stream grows with depth "
             "under Pre-Norm and stays flat under Post-Norm (claim 1); Pre-Norm's early layers get "
             "larger gradients than its deep ones (tilt < 0) and Post-Norm's smaller (tilt > 0; claim 3). "
             "Mean ± std over seeds, from the layer records of training.")

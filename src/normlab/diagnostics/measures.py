@@ -1,4 +1,4 @@
-"""The papers' layer diagnostics on a model and a few batches (METHODS.md §2.6, §3, §6).
+"""The papers' layer diagnostics on a model and a few batches (Mix-LN's layer-effectiveness metrics, BHyT's statistics; docs/diagnostics.md).
 
 "Residual states" are the L+1 tensors of the residual stream entering each block and leaving
 the last one (before the final norm; Hugging Face's ``hidden_states`` ends after it instead).

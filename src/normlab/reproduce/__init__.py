@@ -1,4 +1,4 @@
-"""``normlab reproduce``: the papers' claims (METHODS.md §6) as experiments with honest verdicts."""
+"""``normlab reproduce``: the papers' claims (numbered as in docs/reproduce.md) as experiments with honest verdicts."""
 
 from normlab.reproduce.claims import CLAIMS
 from normlab.reproduce.reproduce import BUDGETS, reproduce, select_claims

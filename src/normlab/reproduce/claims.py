@@ -1,4 +1,4 @@
-"""The papers' claims (METHODS.md §6) as data: what to train, what to measure, what the paper says.
+"""The papers' claims (numbered as in docs/reproduce.md) as data: what to train, what to measure, what the paper says.
 
 A claim's ``statistic`` maps the runs of one seed (variant label -> ``RunData``) to named
 effects, each signed so that a positive value is what the paper claims. ``verdict`` turns the
@@ -38,7 +38,7 @@ Runs = dict[str, RunData]  # variant label -> the run of one seed
 
 @dataclass(frozen=True)
 class Claim:
-    id: str  # METHODS.md §6 number
+    id: str  # the claim's number in docs/reproduce.md
     paper: str  # paper and table/figure
     statement: str
     paper_number: str  # the paper's number(s), as text
