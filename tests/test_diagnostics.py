@@ -164,7 +164,8 @@ def test_diagnose_bad_input_exit_2(trained_runs, tmp_path, capsys):
 def test_stability_marks_absurd_lr_as_diverged(tmp_path):
     raw = RunConfig.load(None, [*TINY, "train.max_steps=8", "train.warmup_steps=0", "train.grad_clip=0"])
     out = tmp_path / "new-dir"
-    path = stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], out, progress=False, jobs=2)
+    path, statuses = stability(raw, ["pre_norm", "post_norm"], [3e-3, 30.0], [2], [0], out, progress=False, jobs=2)
+    assert sorted(statuses.values()) == ["diverged", "diverged", "finished", "finished"]
     result = json.loads((out / "stability.json").read_text())
     for strategy in ("pre_norm", "post_norm"):
         assert result["grid"][strategy]["2|0.003"]["diverged"] == 0
@@ -179,10 +180,38 @@ def test_stability_marks_absurd_lr_as_diverged(tmp_path):
     assert (out / "runs" / "pre_norm-L2-lr0.003-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("ending", ["failed", "interrupted"])
+def test_stability_exit_status_when_a_run_fails_or_is_interrupted(tmp_path, monkeypatch, capsys, ending):
+    """A failed run: the map is drawn from the others and the exit status is 1. An interrupted
+    one (Ctrl-C): no map from part of the grid, exit status 130, and the next call resumes."""
+    from normlab.compare import sweep
+    from normlab.train.trainer import TrainResult
+
+    def second_run_ends(config, out, **options):
+        if "lr0.003" in str(out):
+            return train(config, out, **options)
+        if ending == "failed":
+            raise RuntimeError("out of memory")
+        return TrainResult("interrupted", 0, "stopped by a signal")
+
+    monkeypatch.setattr(sweep, "train", second_run_ends)
+    args = ["stability", "--strategies", "pre_norm", "--lrs", "3e-3,1e-2", "--depths", "2", "--seeds", "0",
+            "--out", str(tmp_path), "-q", *TINY]
+    assert main(args) == (1 if ending == "failed" else 130)
+    err = capsys.readouterr().err
+    assert f"runs: 1 finished, 1 {ending}" in err
+    assert (tmp_path / "stability.png").exists() == (ending == "failed")
+    if ending == "interrupted":
+        assert "run the same command again to resume" in err
+        monkeypatch.setattr(sweep, "train", train)
+        assert main(args) == 0
+        assert json.loads((tmp_path / "stability.json").read_text())["grid"]["pre_norm"]["2|0.01"]["n"] == 1
+
+
 def test_stability_marks_a_run_that_cannot_learn_as_stalled(tmp_path):
     raw = RunConfig.load(None, [*TINY, "model.n_layers=2"])  # evaluated at steps 6 and 12
     out = tmp_path / "stab"
-    path = stability(raw, ["pre_norm"], [3e-3, 1e-7], [2], [0], out, progress=False)
+    path, _ = stability(raw, ["pre_norm"], [3e-3, 1e-7], [2], [0], out, progress=False)
     result = json.loads((out / "stability.json").read_text())
     assert result["unigram_loss"] == pytest.approx(3.292, abs=1e-3)  # the default corpus, bytes
     learning, stuck = result["grid"]["pre_norm"]["2|0.003"], result["grid"]["pre_norm"]["2|1e-07"]

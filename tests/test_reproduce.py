@@ -202,6 +202,19 @@ def test_unknown_budget_exits_2(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing trained
 
 
+def test_an_interrupted_run_gives_no_verdicts_and_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the sweep: nothing is diagnosed, no report from part of the runs."""
+    from normlab.cli import main
+    from normlab.compare import sweep
+    from normlab.train.trainer import TrainResult
+
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sweep, "train", lambda config, out, **options: TrainResult("interrupted", 0, "signal"))
+    assert main(["reproduce", "1", "--budget", "smoke", "--out", str(tmp_path / "out"), "-q"]) == 130
+    assert "runs: 1 interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "reproduce.html").exists() and not (tmp_path / "out" / "claims.json").exists()
+
+
 def test_stability_claims_score_a_diverged_run_as_the_unigram_loss():
     from normlab.reproduce.claims import (
         HYBRID_DEEP,

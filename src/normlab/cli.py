@@ -143,13 +143,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     report, statuses = compare(raw, parse_variants(args.strategies), seeds, args.out,
                                baseline=args.baseline, same_init=args.same_init, progress=not args.quiet,
                                jobs=args.jobs, evaluation=evaluation)
-    counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
     summary = json.loads((report.parent / "summary.json").read_text())
-    stalled = sum(entry["stalled"] for entry in summary["strategies"].values())
+    code = _sweep_exit_status(statuses, stalled=sum(entry["stalled"] for entry in summary["strategies"].values()))
+    print(f"report: {report}")
+    return code
+
+
+def _sweep_exit_status(statuses: dict[str, str], stalled: int = 0) -> int:
+    """Print how a sweep's runs ended (stderr) and return the verb's exit status: 130 when a run
+    was interrupted, 1 when one failed or was skipped, else 0 (a diverged run is a result)."""
+    counts = {s: list(statuses.values()).count(s) for s in dict.fromkeys(statuses.values())}
     print(f"runs: {', '.join(f'{n} {s}' for s, n in counts.items())}"
           + (f" ({stalled} of them stalled at the unigram loss)" if stalled else ""), file=sys.stderr)
-    print(f"report: {report}")
     if "interrupted" in counts:
+        print("normlab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 1 if set(counts) - {"finished", "diverged"} else 0
 
@@ -182,11 +189,14 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
     from normlab.diagnostics.stability import stability
 
-    path = stability(RunConfig.load(args.config, args.overrides, args.plugin), _parse_list(args.strategies, str, "--strategies"),
-                     _parse_list(args.lrs, float, "--lrs"), _parse_list(args.depths, int, "--depths"),
-                     _parse_list(args.seeds, int, "--seeds"), args.out, progress=not args.quiet, jobs=args.jobs)
-    print(f"stability map: {path} (table in {args.out}/stability.md)")
-    return 0
+    path, statuses = stability(RunConfig.load(args.config, args.overrides, args.plugin),
+                               _parse_list(args.strategies, str, "--strategies"), _parse_list(args.lrs, float, "--lrs"),
+                               _parse_list(args.depths, int, "--depths"), _parse_list(args.seeds, int, "--seeds"),
+                               args.out, progress=not args.quiet, jobs=args.jobs)
+    code = _sweep_exit_status(statuses)
+    if path is not None:
+        print(f"stability map: {path} (table in {args.out}/stability.md)")
+    return code
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -196,9 +206,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     claims = select_claims(args.claims)
     check_choice("--budget", args.budget, tuple(BUDGETS))
     seeds = _parse_list(args.seeds, int, "--seeds") if args.seeds else None
-    path = reproduce(claims, BUDGETS[args.budget], args.out, seeds=seeds, jobs=args.jobs, progress=not args.quiet)
-    print(f"reproduce report: {path} (verdicts in {args.out}/claims.json)")
-    return 0
+    path, statuses = reproduce(claims, BUDGETS[args.budget], args.out, seeds=seeds, jobs=args.jobs,
+                               progress=not args.quiet)
+    code = _sweep_exit_status(statuses)
+    if path is not None:
+        print(f"reproduce report: {path} (verdicts in {args.out}/claims.json)")
+    return code
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -20,9 +20,11 @@ from normlab.train.checkpoint import atomic_write_text
 
 
 def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], depths: list[int],
-              seeds: list[int], out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
-    """Train the grid (skipping finished cells) and write stability.{json,md} and the map;
-    returns the PNG path."""
+              seeds: list[int], out: str | Path, progress: bool = True,
+              jobs: int = 1) -> tuple[Path | None, dict[str, str]]:
+    """Train the grid (skipping finished cells) and write stability.{json,md} and the map.
+    Returns the PNG path (None when a run was interrupted: no map from a part of the grid) and
+    each run's status."""
     out = Path(out)
     for name in strategies:
         check_choice("--strategies", name, tuple(STRATEGIES))
@@ -37,8 +39,9 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
                                        [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}",
                                         f"train.seed={seed}"])
                                       for s in strategies for d in depths for lr in lrs for seed in seeds], progress)
-    run_sweep(runs, out, progress, jobs)
-
+    statuses = run_sweep(runs, out, progress, jobs)
+    if "interrupted" in statuses.values():
+        return None, statuses
     unigram = unigram_loss(shard_dir)
     grid: dict[str, dict[str, Any]] = {s: {} for s in strategies}
     for run in runs:
@@ -57,7 +60,7 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
     atomic_write_text(out / "stability.json", json.dumps(result, indent=1) + "\n")
     path = save(stability_maps(grid, strategies, depths, lrs), out / "stability.png")
     atomic_write_text(out / "stability.md", markdown(result))
-    return path
+    return path, statuses
 
 
 def markdown(result: dict[str, Any]) -> str:

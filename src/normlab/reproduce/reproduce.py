@@ -85,10 +85,11 @@ def claim_variants(claim: Claim, budget: Budget) -> dict[str, Variant]:
 
 
 def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[int] | None = None,
-              jobs: int = 1, progress: bool = True) -> Path:
+              jobs: int = 1, progress: bool = True) -> tuple[Path | None, dict[str, str]]:
     """Train every (variant, seed) the claims need into OUT/runs, diagnose each finished run's
-    last checkpoint into RUN/diagnose, evaluate the claims and write the report; returns
-    reproduce.html's path."""
+    last checkpoint into RUN/diagnose, evaluate the claims and write the report. Returns
+    reproduce.html's path (None when a run was interrupted: no verdicts from a part of the
+    runs) and each run's status."""
     out = Path(out)
     seeds = list(seeds or budget.seeds)
     if jobs < 1:
@@ -100,7 +101,9 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     runs, shard_dir = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
                                        [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
                                       for v in trained.values() for seed in seeds], progress)
-    run_sweep(runs, out, progress, jobs)
+    statuses = run_sweep(runs, out, progress, jobs)
+    if "interrupted" in statuses.values():
+        return None, statuses
     unigram = unigram_loss(shard_dir)
     data = {(run.labels["variant"], run.labels["seed"]): measure(run_dir(out, run), run.labels["seed"],
                                                                  budget.diagnose_batches, unigram)
@@ -110,7 +113,7 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
         variants = claim_variants(claim, budget)
         by_seed = {seed: {label: data[v.label, seed] for label, v in variants.items()} for seed in seeds}
         results.append({"claim": claim, "by_seed": by_seed, **evaluate_claim(claim, by_seed)})
-    return write_report(out, budget, seeds, results, unigram)
+    return write_report(out, budget, seeds, results, unigram), statuses
 
 
 def measure(run: RunDir, seed: int, batches: int, unigram: float | None = None) -> RunData:
