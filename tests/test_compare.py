@@ -182,6 +182,11 @@ def test_bad_compare_arguments_exit_2(tmp_path, capsys):
         (["--strategies", "pre_norm,post_norm", "--baseline", "dyt"], "--baseline: 'dyt' is not among"),
         (["--strategies", "pre_norm", "--seeds", "0,x"], "--seeds: '0,x' is not a comma-separated list"),
         (["--strategies", "pre_norm", "--same-init", "megatrom"], "did you mean 'megatron'"),
+        (["--strategies", "pre_norm[model.strategy=dyt],dyt"], "'pre_norm[model.strategy=dyt]' sets model.strategy"),
+        (["--strategies", "pre_norm[train.seed=3]"], "sets train.seed, which the strategy's name and --seeds decide"),
+        (["--strategies", "pre_norm", "--eval-limit", "5"], "--eval-limit apply to --eval-tasks, which is not given"),
+        (["--strategies", "pre_norm", "model.strategy=dyt"], "model.strategy=dyt: --strategies sets model.strategy"),
+        (["--strategies", "pre_norm", "--seeds", "-1"], "train.seed: expected a non-negative integer"),
     ]:
         assert main(["compare", "--out", str(tmp_path / "o"), *args, *TINY]) == 2
         err = capsys.readouterr().err
@@ -221,9 +226,33 @@ def test_rerun_with_another_config_is_refused(sweep, tmp_path):
     out, _, _ = sweep
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
+    spec = (copy / "compare.json").read_bytes()
     with pytest.raises(NormlabError, match=r"was trained with another config \(model.n_layers 2 -> 3"):
         compare(RunConfig.load(None, [*TINY, "model.n_layers=3"]), parse_variants(VARIANTS), [0, 1], copy,
                 progress=False)
+    assert (copy / "compare.json").read_bytes() == spec  # the refused re-run changed nothing
+
+
+@pytest.mark.parametrize("verb", ["compare", "stability", "reproduce", "diagnose", "bench"])
+def test_an_out_dir_holding_other_files_is_refused_before_anything_is_written(tmp_path, capsys, verb):
+    """A user's folder (or another run) as --out: one line, exit 2, nothing written or replaced;
+    a file as --out and an empty --out likewise."""
+    from normlab.cli import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    (tmp_path / "notes.txt").write_text("my notes")
+    args = {"compare": ["compare", "--strategies", "pre_norm", "--seeds", "0", *TINY],
+            "stability": ["stability", "--strategies", "pre_norm", "--lrs", "1e-3", "--depths", "2", "--seeds", "0", *TINY],
+            "reproduce": ["reproduce", "1"],
+            "diagnose": ["diagnose", str(tmp_path / "no-run")],
+            "bench": ["bench", "--sections", "norms"]}[verb]
+    for out, message in ((tmp_path / "mine", "holds other files"), (tmp_path / "notes.txt", "is a file"),
+                         ("", "empty path")):
+        assert main([*args, "--out", str(out)]) == 2
+        assert "normlab: error: --out: " in (err := capsys.readouterr().err) and message in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine", "notes.txt", "report.md"]
+    assert (tmp_path / "mine" / "report.md").read_text() == "my notes"
 
 
 def test_diverged_strategies_rank_last():

@@ -120,6 +120,34 @@ def test_cli_user_error_is_one_line_and_exit_2():
     assert result.stderr.count("\n") == 1 and "d_model: 128 is not divisible by n_heads=3" in result.stderr
 
 
+def test_more_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    """Argument errors without the usage block, files that are not UTF-8, flags a verb sets that an
+    override would contradict, a preset mixed with a config, an unknown bench device."""
+    from normlab.cli import main
+
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 model")
+    for args, message in [
+        (["model", "--strategy"], "normlab model: error: argument --strategy: expected one argument "
+                                  "(see normlab model --help)"),
+        (["nonsense"], "normlab: error: argument VERB: invalid choice: 'nonsense'"),
+        (["model", "--config", str(binary)], f"config file '{binary}': not UTF-8 text (byte 0)"),
+        (["model", "--config", "configs/tiny.yaml", "--preset", "hybridnorm-550m"], "give --config or --preset, not both"),
+        (["stability", "--strategies", "pre_norm", "--depths", "2", "--out", str(tmp_path / "s"), "model.n_layers=3"],
+         "model.n_layers=3: --depths sets model.n_layers for every run; drop the override"),
+        (["stability", "--strategies", "pre_norm", "--lrs", "1e-3", "--out", str(tmp_path / "s"), "train.lr=5"],
+         "train.lr=5: --lrs sets train.lr"),
+        (["bench", "--device", "tpu", "--sections", "norms"], "--device: 'tpu' is not auto, cpu, cuda, cuda:N or mps"),
+    ]:
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (args, err)
+    assert not (tmp_path / "s").exists()
+
+
 def test_cli_model_prints_plan():
     result = run_cli("model", "--strategy", "mixln", "model.n_layers=8", "model.d_model=32")
     assert result.returncode == 0, result.stderr

@@ -188,3 +188,38 @@ def test_left_padded_prompts_generate_as_each_alone():
     out = model.generate(batch, 7, attention_mask=mask)
     assert torch.equal(out[0, 6:], model.generate(short, 7)[0, 3:])
     assert torch.equal(out[1], model.generate(long, 7)[0])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--seed", "99999999999999999999999"], "--seed: 99999999999999999999999 is outside 0..4294967295"),
+    (["--seed", "4294967295", "--num-samples", "2"], "--seed: 4294967295 + 2 samples goes past 4294967295"),
+])
+def test_generate_rejects_nan_temperature_and_seeds_out_of_range(byte_run, args, message, capsys):
+    """The CLI's main in this process: one line, exit status 2."""
+    from normlab.cli import main
+
+    assert main(["generate", str(byte_run), "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_run_whose_config_no_longer_fits_its_weights_is_one_line(byte_run, tmp_path, capsys):
+    """config.yaml edited (another width) or garbled: every verb that loads the run says so in one
+    line, exit status 2, instead of load_state_dict's list of size mismatches or a YAML traceback."""
+    import shutil
+
+    from normlab.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(byte_run, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("d_model: 32", "d_model: 64"))
+    for verb in (["generate", str(run), "--prompt", "x"], ["export-hf", str(run), str(tmp_path / "hf")]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "weights do not fit the model's config, e.g." in err, err
+        assert "32) there and (" in err and "64) in the model" in err
+    config.write_text(":::: [\n")
+    assert main(["generate", str(run), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == f"normlab: error: config file '{config}' line 2: invalid YAML\n"

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.config import ModelConfig, TrainConfig
-from normlab.errors import ConfigError
+from normlab.device import pick_device
+from normlab.errors import ConfigError, check_output_dir
 from normlab.nn import reference_norms
 from normlab.nn.fused import cuda_kernels
 from normlab.nn.model import build_model
@@ -725,10 +726,8 @@ def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", stra
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"--sections: unknown section '{unknown[0]}'; choose from {', '.join(SECTIONS)}")
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out: '{out_dir}' is a file; expected a directory")
-    dev = torch.device(device)
+    out_dir = check_output_dir(out, "--out", ("bench.json",)) if out is not None else None
+    dev = pick_device(device, "--device")
     norm_paths = default_norm_paths(dev) if norm_paths is None else norm_paths
     started = time.perf_counter()
     torch.manual_seed(0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
+import warnings
 
 from normlab.device import keep_freed_host_memory
 from normlab.errors import NormlabError
@@ -74,10 +76,13 @@ def _count(n: float) -> str:
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from normlab.config import ModelConfig, RunConfig, apply_overrides
+    from normlab.config import ConfigError, ModelConfig, RunConfig, apply_overrides
     from normlab.nn.model import meta_model
     from normlab.strategies import describe_plan
 
+    if args.config and args.preset:
+        raise ConfigError("give --config or --preset, not both: the config's model sizes would override the "
+                          "preset's; write 'preset: NAME' in the config's model section instead")
     data: dict = {}
     if args.config:
         data = RunConfig.load(args.config, plugins=args.plugin)
@@ -133,8 +138,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from normlab.config import ConfigError, RunConfig
 
     seeds = _parse_list(args.seeds, int, "--seeds")
+    _refuse_overrides_of_flags(args.overrides, {"model.strategy": "--strategies", "train.seed": "--seeds"})
     raw = RunConfig.load(args.config, args.overrides, args.plugin)
     evaluation = None
+    if not args.eval_tasks and (args.eval_data_dir or args.eval_fewshot or args.eval_limit is not None):
+        raise ConfigError("--eval-data-dir, --eval-fewshot and --eval-limit apply to --eval-tasks, which is not given")
     if args.eval_tasks:
         if args.eval_fewshot < 0 or (args.eval_limit is not None and args.eval_limit < 1):
             raise ConfigError("--eval-fewshot must be >= 0 and --eval-limit >= 1")
@@ -147,6 +155,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     code = _sweep_exit_status(statuses, stalled=sum(entry["stalled"] for entry in summary["strategies"].values()))
     print(f"report: {report}")
     return code
+
+
+def _refuse_overrides_of_flags(overrides: list[str], flags: dict[str, str]) -> None:
+    """A ConfigError for a ``section.key=value`` override of a field that a flag of the verb sets
+    (``flags``: field -> flag); the flag would silently win."""
+    from normlab.config import ConfigError
+
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in flags:
+            raise ConfigError(f"{override}: {flags[key]} sets {key} for every run; drop the override")
 
 
 def _sweep_exit_status(statuses: dict[str, str], stalled: int = 0) -> int:
@@ -189,6 +208,8 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
     from normlab.diagnostics.stability import stability
 
+    _refuse_overrides_of_flags(args.overrides, {"model.strategy": "--strategies", "model.n_layers": "--depths",
+                                                "train.lr": "--lrs", "train.seed": "--seeds"})
     path, statuses = stability(RunConfig.load(args.config, args.overrides, args.plugin),
                                _parse_list(args.strategies, str, "--strategies"), _parse_list(args.lrs, float, "--lrs"),
                                _parse_list(args.depths, int, "--depths"), _parse_list(args.seeds, int, "--seeds"),
@@ -215,7 +236,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from normlab.config import check_seed
     from normlab.eval import default_results_path, evaluate_run
+
+    check_seed("--seed", args.seed)
 
     results = evaluate_run(args.run, _parse_list(args.tasks, str, "--tasks"), step=args.checkpoint,
                            out=args.out, device=args.device, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
@@ -239,15 +263,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from normlab.config import ConfigError
+    from normlab.config import MAX_SEED, ConfigError, check_seed
     from normlab.train.saved import load_run
 
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer")
-    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (
-            args.top_k is not None and args.top_k < 1):
-        raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    if not args.temperature >= 0 or args.temperature == math.inf or (
+            args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
+        raise ConfigError("--temperature must be a finite number >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    check_seed("--seed", args.seed)
+    if args.seed + args.num_samples - 1 > MAX_SEED:  # sample i draws with seed + i
+        raise ConfigError(f"--seed: {args.seed} + {args.num_samples} samples goes past {MAX_SEED}")
     saved = load_run(args.run, args.checkpoint, args.device)
     tokenizer = saved.tokenizer()
     prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]  # an empty prompt starts a document
@@ -300,10 +327,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in ("d_model", "layers", "heads", "seq_len", "batch", "vocab", "rounds"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer")
-    import torch
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device: '{args.device}' requested but no CUDA device is available")
     strategies = _parse_list(args.strategies, str, "--strategies") if args.strategies else None
     sections = _parse_list(args.sections, str, "--sections") if args.sections else SECTIONS
     sizes = Sizes(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
@@ -337,8 +360,15 @@ def _plugin_parser() -> argparse.ArgumentParser:
     return parent
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (not the usage block first), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normlab",
         description="Transformer normalization research: build, train, compare and diagnose "
         "models that differ only in how they normalize. Every verb takes --plugin FILE_OR_MODULE "
@@ -556,10 +586,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says an allocation failed: MemoryError, torch.OutOfMemoryError (CUDA), or
+    the CPU allocator's RuntimeError."""
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as 'normlab: warning: MESSAGE' (the CLI's; --debug keeps Python's format)."""
+    return f"normlab: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_host_memory()
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
     try:
         load_plugins(args.plugin)
         return args.func(args)
@@ -567,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"normlab: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as err:  # sizes too large for this machine: the user's to change
+        if args.debug or not _out_of_memory(err):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"normlab: error: out of memory ({first_line}); use smaller sizes or batches", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)

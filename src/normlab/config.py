@@ -349,13 +349,26 @@ def check_fields(data: dict[str, Any], section: str, cls: type = ModelConfig) ->
             raise ConfigError(f"{section}.{key}: unknown key{did_you_mean(key, known)}")
 
 
+#: the largest seed anywhere (train.seed, --seeds, --seed): numpy's and every RNG's range
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(option: str, seed: int) -> None:
+    """A ConfigError naming ``option`` unless 0 <= seed <= MAX_SEED."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{option}: {seed} is outside 0..{MAX_SEED}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning a missing file or bad syntax into a one-line ConfigError."""
+    """Read a YAML mapping, turning a missing or unreadable file, text that is not UTF-8, or bad
+    syntax into a one-line ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}': not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"config file '{path}': {err.strerror}") from None
     try:
@@ -473,6 +486,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"train.{name}: expected a non-negative integer, got {value!r}")
+        check_seed("train.seed", self.seed)
         _check_positive_float("train.lr", self.lr)
         for name in ("min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
             _check_float(f"train.{name}", getattr(self, name))

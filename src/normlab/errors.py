@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +40,19 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
             f"{name}: unknown value '{value}'{did_you_mean(value, choices)}; "
             f"choose one of {', '.join(choices)}"
         )
+
+
+def check_output_dir(path: str | Path, option: str, marks: tuple[str, ...] = ()) -> Path:
+    """``path`` as the output directory of a verb whose earlier output contains one of ``marks``
+    (which the verb may update or resume): missing, empty, or holding a mark; with no marks any
+    directory. A ConfigError for an empty name, a file, or a directory that holds something
+    else (a user's files, another verb's or run's output), before anything is written."""
+    if not str(path).strip():
+        raise ConfigError(f"{option}: empty path")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option}: '{path}' is a file; expected a directory")
+    if marks and path.is_dir() and any(path.iterdir()) and not any((path / mark).exists() for mark in marks):
+        raise ConfigError(f"{option}: '{path}' holds other files (it has no {' or '.join(marks)}); "
+                          "choose a new or empty directory")
+    return path

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.report import eval_results, write_report
-from normlab.compare.sweep import plan_runs, run_sweep
+from normlab.compare.sweep import check_existing, plan_runs, run_sweep
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides
 from normlab.data import unigram_loss
-from normlab.errors import ConfigError, check_choice
+from normlab.errors import ConfigError, check_choice, check_output_dir
 from normlab.eval import default_results_path, load_task
 from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
@@ -62,6 +62,10 @@ def parse_variants(text: str) -> list[Variant]:
             raise ConfigError(f"--strategies: cannot read '{item}'; expected NAME or NAME[section.key=value ...]")
         name, extra = match.group(1), match.group(2)
         check_choice("--strategies", name, tuple(STRATEGIES))
+        for override in re.split(r"[\s;]+", extra or ""):
+            if override.partition("=")[0] in ("model.strategy", "train.seed"):
+                raise ConfigError(f"--strategies: '{item}' sets {override.partition('=')[0]}, which the "
+                                  "strategy's name and --seeds decide")
         variants.append(Variant(item, name, re.split(r"[\s;]+", extra.strip()) if extra and extra.strip() else []))
     labels = [v.label for v in variants]
     if not variants or len(set(labels)) != len(labels):
@@ -87,9 +91,10 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
             jobs: int = 1, evaluation: EvalSpec | None = None) -> tuple[Path, dict]:
     """Train every (variant, seed) not yet done into OUT/runs, score ``evaluation``'s tasks on
     every finished run, and write the report into OUT. Returns (report.html path, name -> status)."""
-    out = Path(out)
+    out = check_output_dir(out, "--out", ("compare.json",))
     if baseline not in [v.label for v in variants]:
-        raise ConfigError(f"--baseline: '{baseline}' is not among --strategies ({', '.join(v.label for v in variants)})")
+        raise ConfigError(f"--baseline: '{baseline}' is not among --strategies ({', '.join(v.label for v in variants)}); "
+                          "pass --baseline with one of them, written as in --strategies")
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
     if not seeds or len(set(seeds)) != len(seeds):
@@ -131,6 +136,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
         },
         "eval": None if evaluation is None else {"tasks": evaluation.tasks, "names": task_names, **evaluation.options()},
     }
+    check_existing(runs, out)  # before compare.json: a refused re-run leaves the old spec in place
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(spec, indent=1) + "\n")
     statuses = run_sweep(runs, out, progress, jobs)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from normlab.compare.plots import save
 from normlab.data import TokenShards, eval_batches, prepare_or_load
 from normlab.diagnostics import figures, measures
+from normlab.errors import check_output_dir
 from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
 from normlab.train.saved import load_run
@@ -26,7 +27,7 @@ def diagnose(run_dir: str | Path, out: str | Path, data: str | None = None, step
     """Compute every diagnostic on ``batches`` validation batches and write the outputs. MoE
     routing changes are measured against checkpoint ``reference_step`` (default: the one
     before ``step``, when the run kept one)."""
-    out = Path(out)
+    out = check_output_dir(out, "--out", ("diagnostics.json",))
     saved = load_run(run_dir, step)
     cfg, model, step = saved.config, saved.model, saved.step
     shard_dir, _ = load_data(cfg.data, progress)

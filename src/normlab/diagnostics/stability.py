@@ -14,7 +14,7 @@ from normlab.compare.stats import mean_std
 from normlab.compare.sweep import plan_runs, run_dir, run_sweep
 from normlab.data import unigram_loss
 from normlab.diagnostics.figures import stability_maps
-from normlab.errors import ConfigError, check_choice
+from normlab.errors import ConfigError, check_choice, check_output_dir
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text
 
@@ -25,7 +25,7 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
     """Train the grid (skipping finished cells) and write stability.{json,md} and the map.
     Returns the PNG path (None when a run was interrupted: no map from a part of the grid) and
     each run's status."""
-    out = Path(out)
+    out = check_output_dir(out, "--out", ("stability.json", "runs"))
     for name in strategies:
         check_choice("--strategies", name, tuple(STRATEGIES))
     for label, values in (("--strategies", strategies), ("--lrs", lrs), ("--depths", depths), ("--seeds", seeds)):

@@ -14,7 +14,7 @@ from normlab.compare.sweep import plan_runs, run_dir, run_sweep
 from normlab.config import RunConfig
 from normlab.data import unigram_loss
 from normlab.diagnostics import diagnose
-from normlab.errors import ConfigError, did_you_mean
+from normlab.errors import ConfigError, check_output_dir, did_you_mean
 from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
 from normlab.reproduce.report import write_report
 from normlab.train.checkpoint import list_checkpoints
@@ -90,7 +90,7 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     last checkpoint into RUN/diagnose, evaluate the claims and write the report. Returns
     reproduce.html's path (None when a run was interrupted: no verdicts from a part of the
     runs) and each run's status."""
-    out = Path(out)
+    out = check_output_dir(out, "--out", ("claims.json", "runs"))
     seeds = list(seeds or budget.seeds)
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")

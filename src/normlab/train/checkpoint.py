@@ -177,12 +177,19 @@ def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
     """Load a safetensors file into ``model``; return (missing, unexpected) names, where a
     parameter tied to a loaded one (the LM head) does not count as missing. Scalars saved
     0-dim (DyT alpha, BHyT lam, the embedding scale, before they became shape (1,) for FSDP2)
-    are reshaped to the model's shape."""
+    are reshaped to the model's shape. Weights of another shape than the model's (a checkpoint
+    of another config) are a CheckpointError naming the first."""
     state = load_file(str(path))
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and tensor.dim() == 0 and own[name].shape == (1,):
             state[name] = tensor.reshape(1)
+    misfits = [name for name, tensor in state.items() if name in own and tensor.shape != own[name].shape]
+    if misfits:
+        name = misfits[0]
+        raise CheckpointError(f"{path}: {len(misfits)} weights do not fit the model's config, e.g. {name} is "
+                              f"{tuple(state[name].shape)} there and {tuple(own[name].shape)} in the model "
+                              "(a checkpoint of another config, or an edited config.yaml)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {own[name].data_ptr() for name in state if name in own}
     return [name for name in missing if own[name].data_ptr() not in loaded], list(unexpected)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from normlab.config import yaml_load
+from normlab.config import load_yaml
 from normlab.errors import CheckpointError
 from normlab.train.checkpoint import atomic_write_text
 
@@ -48,7 +48,8 @@ class RunDir:
 
     # ---------------------------------------------------------------- config and status
     def read_config(self) -> dict[str, Any]:
-        return yaml_load(self.config_path.read_text())
+        """The run's config.yaml; unreadable or invalid YAML is a one-line ConfigError."""
+        return load_yaml(self.config_path)
 
     def write_config(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False))
