@@ -138,6 +138,7 @@ def test_more_user_errors_are_one_line_exit_2(tmp_path, capsys):
         (["stability", "--strategies", "pre_norm", "--lrs", "1e-3", "--out", str(tmp_path / "s"), "train.lr=5"],
          "train.lr=5: --lrs sets train.lr"),
         (["bench", "--device", "tpu", "--sections", "norms"], "--device: 'tpu' is not auto, cpu, cuda, cuda:N or mps"),
+        (["data", "prepare", "--out", str(binary)], f"--out: '{binary}' is a file; expected a directory"),
     ]:
         try:
             code = main(args)

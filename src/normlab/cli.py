@@ -119,12 +119,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
+    from normlab.errors import check_output_dir
     from normlab.data import read_meta
     from normlab.train.trainer import load_data
 
     raw = RunConfig.load(args.config, args.overrides, args.plugin)
-    if args.out:
-        raw.setdefault("data", {})["cache_dir"] = args.out
+    if args.out is not None:  # a cache: any directory of shards, but not a file
+        raw.setdefault("data", {})["cache_dir"] = str(check_output_dir(args.out, "--out"))
     shard_dir, _ = load_data(RunConfig.from_dict(raw, vocab_size=1).data)
     meta = read_meta(shard_dir)
     print(f"{shard_dir}: {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} validation "
