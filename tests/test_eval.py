@@ -377,6 +377,76 @@ def test_bad_task_fails_before_scoring_and_writes_nothing(tmp_path, monkeypatch)
     assert not (run / "eval").exists()
 
 
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+def evaluate_cli(run: Path, task: Path, *extra: str) -> int:
+    from normlab.cli import main
+
+    return main(["evaluate", str(run), "--tasks", str(task), "--device", "cpu", "-q", *extra])
+
+
+@pytest.mark.parametrize("target, message", [
+    ("", "is empty"),
+    ("run/config.yaml", "inside the run directory"),
+    ("run/checkpoints/new.json", "inside the run directory"),
+    ("notes.txt", "holds something other than"),
+    ("other.json", "holds something other than"),
+    ("folder", "is a directory"),
+    ("notes.txt/r.json", "is not a directory"),
+    ("/dev/null", "not a regular file"),
+])
+def test_out_holding_something_else_is_refused_before_scoring(tmp_path, monkeypatch, capsys,
+                                                              target, message):
+    run = make_run(tmp_path / "run")
+    task = write_jsonl(tmp_path / "cont.jsonl", [{"context": "c", "continuation": "d"}])
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "other.json").write_text('{"loss": 1.5}\n')
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "inside.txt").write_text("keep me too")
+    before = tree(tmp_path)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before --out was checked")
+
+    monkeypatch.setattr(harness, "score", no_scoring)
+    out = target if target in ("", "/dev/null") else str(tmp_path / target)
+    assert evaluate_cli(run, task, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: ") and err.count("\n") == 1 and message in err, err
+    assert tree(tmp_path) == before  # nothing written, replaced or left behind
+    assert not Path("/dev/null").is_file()
+    with pytest.raises(ConfigError, match=message):
+        evaluate_run(run, [task], out=out, progress=False)
+    assert tree(tmp_path) == before
+
+
+def test_out_replaces_an_earlier_results_file(tmp_path):
+    run = make_run(tmp_path / "run")
+    task = write_jsonl(tmp_path / "cont.jsonl",
+                       [{"context": f"line {i}", "continuation": "end"} for i in range(3)])
+    for out in (tmp_path / "results.json", run / "eval" / "mine.json"):
+        assert evaluate_cli(run, task, "--out", str(out), "--limit", "1") == 0
+        assert evaluate_cli(run, task, "--out", str(out), "--limit", "2") == 0  # replaced
+        assert json.loads(out.read_text())["tasks"]["cont"]["items"] == 2
+    assert evaluate_cli(run, task) == 0
+    assert evaluate_cli(run, task) == 0  # the default file is replaced too
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["mine.json", "step_000003.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cont.jsonl", "results.json", "run"]
+
+
+def test_empty_continuation_is_malformed(tmp_path):
+    for record in ({"context": "abc", "continuation": ""},
+                   {"context_options": ["a", "b"], "continuation": "", "gold": 0}):
+        path = write_jsonl(tmp_path / "empty.jsonl", [{**record, "continuation": "x"}, record])
+        with pytest.raises(DataError, match=rf"^{path}:2: 'continuation' is empty$"):
+            load_task(path)
+
+
 # ---------------------------------------------------------------- the shared evaluation data
 
 

@@ -345,8 +345,136 @@ def test_export_replaces_only_a_previous_export(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not a normlab export"):
+    with pytest.raises(ConfigError, match="not a normlab export"):
         export(second, foreign, ByteTokenizer())
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     with pytest.raises(ConfigError, match="format: unknown value 'onnx'"):
         export(second, tmp_path / "other", ByteTokenizer(), format="onnx")
+
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+def _run(path: Path) -> Path:
+    """A run directory at step 1 with a pre_norm model and the byte tokenizer."""
+    from normlab.config import DataConfig, RunConfig
+    from normlab.train.checkpoint import save_checkpoint
+
+    model = _model("pre_norm")
+    run = RunDir(path)
+    run.create()
+    run.write_config(RunConfig(model=model.config, data=DataConfig(tokenizer="byte")).to_dict())
+    ByteTokenizer().save(run.tokenizer_path)
+    save_checkpoint(run.checkpoints, 1, model, {"step": 1}, keep_last=1)
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_export_keeps_a_directory_holding_anything_export_does_not_write(tmp_path, capsys):
+    from normlab.cli import main
+
+    run, out = _run(tmp_path / "run"), tmp_path / "out"
+    assert main(["export-hf", str(run), str(out)]) == 0
+    assert main(["export-hf", str(run), str(out)]) == 0  # an earlier export alone is replaced
+    capsys.readouterr()
+    (out / "README.md").write_text("my notes")
+    (out / "extra").mkdir()
+    (out / "extra" / "data.txt").write_text("mine")
+    (tmp_path / "file").write_text("not a folder")
+    before = _tree(tmp_path)
+    assert main(["export-hf", str(run), str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "README.md, extra" in err and "earlier export" in err
+    for target, message in ((tmp_path / "file", "is a file"),
+                            (tmp_path / "file" / "sub", "is not a directory")):
+        assert main(["export-hf", str(run), str(target)]) == 2
+        assert message in _one_error_line(capsys)
+        with pytest.raises(ConfigError, match=message):
+            export_run(run, target)
+    with pytest.raises(ConfigError, match="README.md, extra"):
+        export_run(run, out)
+    assert _tree(tmp_path) == before  # nothing deleted, nothing left behind
+    (tmp_path / "empty").mkdir()
+    assert main(["export-hf", str(run), str(tmp_path / "empty")]) == 0
+    assert main(["export-hf", str(run), str(tmp_path / "new" / "nested")]) == 0
+
+
+def _safetensors_truncated(src: Path) -> None:
+    with (src / "model.safetensors").open("r+b") as fh:
+        fh.truncate(100)
+
+
+def _safetensors_random(src: Path) -> None:
+    (src / "model.safetensors").write_bytes(torch.randint(0, 256, (4000,), dtype=torch.uint8,
+                                                          generator=torch.Generator().manual_seed(0))
+                                            .numpy().tobytes())
+
+
+def _safetensors_half(src: Path) -> None:
+    with (src / "model.safetensors").open("r+b") as fh:
+        fh.truncate((src / "model.safetensors").stat().st_size // 2)
+
+
+def _weight_missing(src: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(src / "model.safetensors")
+    weights.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def _weight_misshapen(src: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def _config_value(**values):
+    def change(src: Path) -> None:
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, **values}))
+    return change
+
+
+def _no_weights(src: Path) -> None:
+    (src / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    (_safetensors_truncated, "model.safetensors", "invalid header length"),
+    (_safetensors_random, "model.safetensors", "header too large"),
+    (_safetensors_half, "model.safetensors", "not a valid safetensors file"),
+    (_weight_missing, "model.safetensors", "missing model.layers.0.mlp.up_proj.weight"),
+    (_weight_misshapen, "model.safetensors", "model.layers.0.mlp.up_proj.weight has shape (3, 3)"),
+    (_no_weights, "", "no file named model.safetensors"),
+    (_config_value(num_hidden_layers="two"), "config.json", "num_hidden_layers"),
+    (_config_value(num_hidden_layers=0), "config.json", "n_layers"),
+    (_config_value(num_attention_heads=3), "config.json", "not a multiple"),
+])
+def test_import_refuses_damaged_weights_and_config_in_one_line(tmp_path, capsys, damage, file,
+                                                               message):
+    from normlab.cli import main
+
+    src = tmp_path / "hf"
+    _hf_model("llama", tie=False).save_pretrained(src)
+    ByteTokenizer().hf_tokenizer().save(str(src / "tokenizer.json"))
+    damage(src)
+    (tmp_path / "empty").mkdir()
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    for run in (tmp_path / "run", tmp_path / "empty"):
+        assert main(["import-hf", str(src), str(run)]) == 2
+        err = _one_error_line(capsys)
+        assert f"{src / file}" in err and message in err, err
+    assert _tree(tmp_path) == before  # no run, nothing half-written

@@ -119,8 +119,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from normlab.config import RunConfig
-    from normlab.errors import check_output_dir
     from normlab.data import read_meta
+    from normlab.errors import check_output_dir
     from normlab.train.trainer import load_data
 
     raw = RunConfig.load(args.config, args.overrides, args.plugin)

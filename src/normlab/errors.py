@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,15 @@ def check_output_dir(path: str | Path, option: str, marks: tuple[str, ...] = ())
         raise ConfigError(f"{option}: '{path}' holds other files (it has no {' or '.join(marks)}); "
                           "choose a new or empty directory")
     return path
+
+
+def check_creatable(path: Path) -> None:
+    """A ConfigError unless the missing file or directory ``path`` can be made: its nearest
+    existing ancestor is a directory this process may write in."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot create '{path}': '{folder}' is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create '{path}': no permission to write in '{folder}'")

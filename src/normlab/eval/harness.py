@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import stat
 import statistics
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.data import Tokenizer
-from normlab.errors import ConfigError, DataError
+from normlab.errors import ConfigError, DataError, check_creatable
 from normlab.eval.scoring import Request, Score, encode_pair, rolling_windows, score
 from normlab.eval.tasks import Task, load_task
 from normlab.nn.model import NormLM
@@ -87,20 +88,74 @@ def evaluate_run(run_dir: StrPath, tasks: Sequence[StrPath], *, step: int | None
     """``evaluate`` the run's model at checkpoint ``step`` (default: the newest) on ``device``
     with its tokenizer, and write the results (plus ``run_dir`` and ``checkpoint_step``)
     atomically to ``out`` (default ``default_results_path``). ``options`` are those of
-    ``evaluate``."""
+    ``evaluate``. ``out`` is checked before anything is scored (``check_results_path``)."""
     saved = load_run(run_dir, step, device)
+    path = check_results_path(out if out is not None else default_results_path(saved.path, saved.step),
+                              saved.path)
     tokenizer = saved.tokenizer(options.get("progress", True))
     results = evaluate(saved.model, tokenizer, tasks, **options)
     results = {"run_dir": str(saved.path), **results, "checkpoint_step": saved.step}
-    path = Path(out) if out is not None else default_results_path(saved.path, saved.step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    _write_results(path, json.dumps(results, indent=2) + "\n")
     return results
 
 
 def default_results_path(run_dir: StrPath, step: int) -> Path:
     """``RUN_DIR/eval/step_NNNNNN.json``, named like the checkpoint it scores."""
     return Path(run_dir) / "eval" / f"step_{step:06d}.json"
+
+
+RESULTS_KEYS = frozenset({"normlab_version", "checkpoint_step", "tasks"})
+"""Keys every results JSON holds (``evaluate``'s and ``evaluate_run``'s)."""
+_MAX_RESULTS_BYTES = 64 << 20
+
+
+def is_results_file(path: StrPath) -> bool:
+    """Whether ``path`` is a regular file holding an earlier results JSON (a JSON object with
+    every key of RESULTS_KEYS, ``tasks`` an object)."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size > _MAX_RESULTS_BYTES:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and RESULTS_KEYS <= data.keys() and isinstance(data["tasks"], dict)
+
+
+def check_results_path(out: StrPath, run_dir: StrPath) -> Path:
+    """The resolved file that results of the run in ``run_dir`` may be written to, or a
+    ConfigError: ``out`` must be non-empty; a new file or an earlier results file
+    (``is_results_file``), never anything else; outside the run directory or in its ``eval/``
+    folder; in a folder that exists or can be made, and is writable."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise ConfigError("the results path (--out) is empty; name a .json file")
+    path = Path(text).expanduser().resolve()
+    where = f"results file '{text}'"
+    run = Path(run_dir).resolve()
+    if path.is_relative_to(run) and not path.is_relative_to(run / "eval"):
+        raise ConfigError(f"{where} is inside the run directory '{run}', which holds the run's own "
+                          f"files; write it under '{run / 'eval'}' or outside the run")
+    if path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{where} is a directory; name a .json file")
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{where} is not a regular file; name a .json file")
+        if not is_results_file(path):
+            raise ConfigError(f"{where} holds something other than earlier normlab evaluate results; "
+                              "choose another path (it is left as it is)")
+    if not path.exists():
+        check_creatable(path)
+    return path
+
+
+def _write_results(path: Path, text: str) -> None:
+    """``atomic_write_text`` into ``path``, making its folder; a failure is a one-line ConfigError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as err:
+        raise ConfigError(f"cannot write results file '{path}': {err.strerror or err}") from None
 
 
 def _check_options(tasks: Sequence[StrPath], num_fewshot: int, limit: int | None,

@@ -197,4 +197,6 @@ def _validate(record: dict[str, Any], fmt: str, where: str) -> None:
                             f"{len(options)} {options_field}")
     if fmt == "text" and not record["text"]:
         raise DataError(f"{where}: 'text' is empty")
+    if fmt in ("partial_scoring", "continuation") and not record["continuation"]:
+        raise DataError(f"{where}: 'continuation' is empty")
 

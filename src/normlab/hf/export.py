@@ -15,7 +15,8 @@ and ``tokenizer_config.json``. Two formats:
 
 ``auto`` picks stock when it is exact. The directory is written next to OUT_DIR and renamed into
 place; an existing OUT_DIR is replaced only when it is empty or a previous normlab export
-(``exported_by`` in its config.json).
+(``exported_by`` in its config.json) holding nothing but the files an export writes; anything
+else is refused with a ConfigError before anything is written or deleted.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 
 from normlab.config import ModelConfig
 from normlab.data import Tokenizer
-from normlab.errors import CheckpointError, ConfigError, check_choice
+from normlab.errors import ConfigError, check_choice, check_creatable
 from normlab.nn.model import NormLM
 from normlab.nn.registry import norm_class
 from normlab.strategies import describe_plan, layer_plans
@@ -43,6 +44,11 @@ from normlab.version import __version__
 
 FORMATS = ("auto", "stock", "custom")
 WEIGHTS_FILE, CONFIG_FILE, MODELING_FILE = "model.safetensors", "config.json", "modeling_normlab.py"
+GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                MODELING_FILE)
+"""The files an export writes, besides a copy ``plugin_NAME.py`` of each plugin it uses."""
 
 #: normlab modules whose source forms ``modeling_normlab.py``, in dependency order
 BUNDLED_MODULES = ("normlab.errors", "normlab.nn.registry", "normlab.nn.plan", "normlab.nn.norms",
@@ -113,11 +119,11 @@ def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
            format: str = "auto") -> str:
     """Write ``model`` and ``tokenizer`` to ``out_dir`` as a Hugging Face model; returns the format
     used ('stock' or 'custom'). ``format='stock'`` raises ConfigError when no stock class is exact;
-    an existing ``out_dir`` must be empty or a previous export (it is replaced)."""
+    an existing ``out_dir`` must be empty or a previous export holding nothing else (it is
+    replaced); see ``check_export_dir``."""
     check_choice("format", format, FORMATS)
     out = Path(out_dir).resolve()
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_export(out))):
-        raise CheckpointError(f"'{out}' exists and is not a normlab export; choose a new or empty directory")
+    check_export_dir(out)
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} ids but the model "
@@ -149,11 +155,11 @@ def export(model: NormLM, out_dir: str | os.PathLike[str], tokenizer: Tokenizer,
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   os.fspath(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         _write_json(directory / CONFIG_FILE, config)
-        _write_json(directory / "generation_config.json",
+        _write_json(directory / GENERATION_FILE,
                     {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
                      "pad_token_id": tokenizer.eos_id})
-        hf_tokenizer.save(os.fspath(directory / "tokenizer.json"))
-        _write_json(directory / "tokenizer_config.json", {
+        hf_tokenizer.save(os.fspath(directory / TOKENIZER_FILE))
+        _write_json(directory / TOKENIZER_CONFIG_FILE, {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
             "unk_token": eos, "model_max_length": cfg.max_seq_len,
             "clean_up_tokenization_spaces": False})
@@ -318,6 +324,34 @@ def write_directory(out: Path, write: Callable[[Path], None]) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_export_dir(out: Path) -> None:
+    """Raise ConfigError, touching nothing, unless ``out`` may become an export: it does not
+    exist (and can be made), or it is an empty directory, or an earlier normlab export holding
+    only files an export writes (EXPORT_FILES, ``plugin_*.py``), which is replaced."""
+    if not out.exists():
+        check_creatable(out)
+        return
+    if not out.is_dir():
+        raise ConfigError(f"OUT_DIR '{out}' is a file, not a directory; choose a new or empty directory")
+    entries = sorted(path.name for path in out.iterdir())
+    if not entries:
+        return
+    if not _is_export(out):
+        raise ConfigError(f"OUT_DIR '{out}' is not empty and not a normlab export; choose a new or "
+                          "empty directory")
+    foreign = [name for name in entries if not _written_by_export(out / name)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"OUT_DIR '{out}' holds {shown} besides an earlier export, which replacing "
+                          "the export would delete; move them elsewhere or choose another directory")
+
+
+def _written_by_export(path: Path) -> bool:
+    """Whether ``path`` is a file of the kind an export writes (it may be replaced)."""
+    exported = path.name in EXPORT_FILES or (path.name.startswith("plugin_") and path.suffix == ".py")
+    return exported and path.is_file() and not path.is_symlink()
 
 
 def _is_export(directory: Path) -> bool:

@@ -5,19 +5,23 @@ reordered norm, full-width QK-norm). Sizes, GQA, tied embeddings, rope_theta and
 onto ModelConfig; the state dicts agree up to OLMo-2's ``post_attention_layernorm`` (normlab:
 ``attn_output_layernorm``). A feature normlab cannot represent (RoPE scaling, biases, sliding
 windows, a head size other than hidden_size / num_attention_heads, an activation other than
-SiLU) is refused with a ConfigError that names it.
+SiLU) is refused with a ConfigError that names it; a damaged source (a config.json value of the
+wrong type, a truncated or corrupt weights file, missing or misshapen weights) with a one-line
+ConfigError or CheckpointError naming the file, before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from normlab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from normlab.errors import CheckpointError, ConfigError, DataError
+from normlab.errors import CheckpointError, ConfigError, DataError, NormlabError, check_creatable
 from normlab.hf.export import STOCK_FAMILIES, StockFamily, write_directory
 from normlab.nn.model import NormLM
 
@@ -77,6 +81,8 @@ def import_run(hf_dir: str | os.PathLike[str], out_run: str | os.PathLike[str]) 
     out = Path(out_run).resolve()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise CheckpointError(f"'{out}' already exists; import into a new or empty directory")
+    if not out.exists():
+        check_creatable(out)
     source = Path(hf_dir).resolve()
     model, hf_config = _load(source)
     tokenizer = _tokenizer(source, hf_config)
@@ -102,14 +108,21 @@ def _load(source: Any) -> tuple[NormLM, Any]:
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).is_dir():
             raise CheckpointError(f"'{source}' is not a directory (expected a Hugging Face model directory)")
+        config_path = Path(source) / "config.json"
         try:
             hf_config = transformers.AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"'{source}' holds no readable Hugging Face model: "
                                   f"{str(err).strip().splitlines()[0]}") from None
-        cfg = model_config_from_hf(hf_config)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, config=hf_config,
-                                                                     dtype=torch.float32)
+        except _config_errors() as err:  # a value of the wrong type, inconsistent sizes
+            raise ConfigError(f"'{config_path}': {_one_line(err)}") from None
+        try:
+            cfg = model_config_from_hf(hf_config)
+        except NormlabError as err:
+            raise ConfigError(f"'{config_path}': {err}") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"'{config_path}': {type(err).__name__}: {_one_line(err)}") from None
+        hf_model = _load_weights(transformers, Path(source), hf_config)
     else:
         hf_model, hf_config = source, source.config
         cfg = model_config_from_hf(hf_config)
@@ -122,6 +135,81 @@ def _load(source: Any) -> tuple[NormLM, Any]:
         raise CheckpointError(f"{family.architecture} weights do not fit normlab's {family.strategy} "
                               f"model: {str(err).strip().splitlines()[-1].strip()}") from None
     return model.eval(), hf_config
+
+
+def _load_weights(transformers: Any, source: Path, hf_config: Any) -> Any:
+    """``from_pretrained`` of the model in ``source`` (fp32, transformers' load report silenced);
+    a one-line CheckpointError naming the file for weights that are unreadable (truncated,
+    corrupt), missing or of the wrong shape, which transformers would fill with random values."""
+    from safetensors import SafetensorError
+
+    _check_safetensors(source)
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # its load report and progress bar would be more lines on stderr
+    logging.disable_progress_bar()
+    try:
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            source, config=hf_config, dtype=torch.float32, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except (EOFError, pickle.UnpicklingError):  # torch.load's message is a page of advice
+        raise CheckpointError(f"'{source}': its PyTorch weights (.bin) cannot be read: truncated, "
+                              "corrupt or holding more than tensors") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"'{source}': its weights cannot be loaded: {_one_line(err)}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    files = sorted(path.name for path in source.glob("*.safetensors")) or ["the checkpoint"]
+    where = f"'{source / files[0]}'" if len(files) == 1 else f"'{source}' ({', '.join(files)})"
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where} is incomplete: missing {', '.join(missing[:3])}{more}")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        key, theirs, ours = mismatched[0]
+        raise CheckpointError(f"{where}: {key} has shape {tuple(theirs)} but config.json gives "
+                              f"{tuple(ours)}" + (f" ({len(mismatched) - 1} more mismatched)"
+                                                  if len(mismatched) > 1 else ""))
+    return hf_model
+
+
+def _check_safetensors(source: Path) -> None:
+    """Read the header of each safetensors file ``from_pretrained`` would read (model.safetensors,
+    or the shards its index names); CheckpointError naming a truncated or corrupt one."""
+    from safetensors import SafetensorError, safe_open
+
+    paths = [source / "model.safetensors"]
+    try:
+        index = json.loads((source / "model.safetensors.index.json").read_text())
+        paths += [source / name for name in sorted(set(index["weight_map"].values()))]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass  # no index, or one from_pretrained will refuse
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(os.fspath(path), framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"'{path}' is not a valid safetensors file (truncated or corrupt): "
+                                  f"{_one_line(err)}") from None
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's strict-dataclass validation errors (transformers 5 configs), if any."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line, its whitespace runs collapsed."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _family(hf_config: Any) -> StockFamily:
