@@ -17,6 +17,7 @@ import torch
 
 from normlab.cli import main
 from normlab.config import RunConfig, TrainConfig
+from normlab.errors import CheckpointError
 from normlab.train.checkpoint import list_checkpoints, save_checkpoint
 from normlab.train.optim import build_optimizer, lr_factor, param_groups
 from normlab.train.rundir import RunDir
@@ -376,7 +377,8 @@ def test_checkpoints_with_0_dim_scalars_still_load(tmp_path):
     torch.testing.assert_close(new(ids), old(ids), rtol=0, atol=0)
     state["model.norm.weight"] = torch.ones(3)
     save_file(state, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(CheckpointError, match=r"1 weights do not fit the model's config, e.g. model.norm.weight "
+                       r"is \(3,\) there and \(32,\) in the model"):
         load_weights(new, tmp_path / "bad.safetensors")
 
 
