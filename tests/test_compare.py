@@ -243,7 +243,8 @@ def test_an_out_dir_holding_other_files_is_refused_before_anything_is_written(tm
     (tmp_path / "mine" / "report.md").write_text("my notes")
     (tmp_path / "notes.txt").write_text("my notes")
     args = {"compare": ["compare", "--strategies", "pre_norm", "--seeds", "0", *TINY],
-            "stability": ["stability", "--strategies", "pre_norm", "--lrs", "1e-3", "--depths", "2", "--seeds", "0", *TINY],
+            "stability": ["stability", "--strategies", "pre_norm", "--lrs", "1e-3", "--depths", "2", "--seeds", "0",
+                          *(o for o in TINY if not o.startswith("model.n_layers="))],  # --depths sets it
             "reproduce": ["reproduce", "1"],
             "diagnose": ["diagnose", str(tmp_path / "no-run")],
             "bench": ["bench", "--sections", "norms"]}[verb]
