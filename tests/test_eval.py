@@ -439,6 +439,22 @@ def test_out_replaces_an_earlier_results_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cont.jsonl", "results.json", "run"]
 
 
+def test_another_task_scored_later_joins_the_earlier_results(tmp_path):
+    """Scoring task b after task a keeps a's numbers in the run's results file; with other
+    options (another --limit) the file holds only the new scores."""
+    run = make_run(tmp_path / "run")
+    first = write_jsonl(tmp_path / "a.jsonl", [{"context": f"line {i}", "continuation": "end"} for i in range(3)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"context": f"row {i}", "continuation": "stop"} for i in range(3)])
+    results = run / "eval" / "step_000003.json"
+    assert evaluate_cli(run, first) == 0
+    a_scores = json.loads(results.read_text())["tasks"]["a"]
+    assert evaluate_cli(run, second) == 0
+    merged = json.loads(results.read_text())["tasks"]
+    assert sorted(merged) == ["a", "b"] and merged["a"] == a_scores
+    assert evaluate_cli(run, second, "--limit", "2") == 0
+    assert sorted(json.loads(results.read_text())["tasks"]) == ["b"]
+
+
 def test_empty_continuation_is_malformed(tmp_path):
     for record in ({"context": "abc", "continuation": ""},
                    {"context_options": ["a", "b"], "continuation": "", "gold": 0}):

@@ -88,15 +88,25 @@ def evaluate_run(run_dir: StrPath, tasks: Sequence[StrPath], *, step: int | None
     """``evaluate`` the run's model at checkpoint ``step`` (default: the newest) on ``device``
     with its tokenizer, and write the results (plus ``run_dir`` and ``checkpoint_step``)
     atomically to ``out`` (default ``default_results_path``). ``options`` are those of
-    ``evaluate``. ``out`` is checked before anything is scored (``check_results_path``)."""
+    ``evaluate``. ``out`` is checked before anything is scored (``check_results_path``). When
+    ``out`` holds results of the same checkpoint scored with the same options, their other tasks
+    are kept beside the new ones (scoring piqa after arc_easy keeps arc_easy's numbers)."""
     saved = load_run(run_dir, step, device)
     path = check_results_path(out if out is not None else default_results_path(saved.path, saved.step),
                               saved.path)
     tokenizer = saved.tokenizer(options.get("progress", True))
     results = evaluate(saved.model, tokenizer, tasks, **options)
     results = {"run_dir": str(saved.path), **results, "checkpoint_step": saved.step}
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))  # check_results_path: results JSON
+        if all(earlier.get(key) == results[key] for key in MERGE_KEYS):
+            results["tasks"] = {**earlier["tasks"], **results["tasks"]}
     _write_results(path, json.dumps(results, indent=2) + "\n")
     return results
+
+
+#: results that agree on these were scored alike, and their tasks may share one file
+MERGE_KEYS = ("run_dir", "checkpoint_step", "tokenizer", "max_seq_len", "seed", "limit", "num_fewshot")
 
 
 def default_results_path(run_dir: StrPath, step: int) -> Path:
