@@ -22,14 +22,7 @@ import torch
 from tqdm import tqdm
 
 from normlab.config import ConfigError, DataConfig, RunConfig, config_changes
-from normlab.data import (
-    BatchSampler,
-    TokenShards,
-    eval_batches,
-    load_tokenizer,
-    prepare_or_load,
-    read_meta,
-)
+from normlab.data import BatchSampler, TokenShards, eval_batches, load_tokenizer, prepare_or_load
 from normlab.device import keep_freed_host_memory, pick_device
 from normlab.errors import CheckpointError, NormlabError
 from normlab.nn.model import NormLM, build_model
@@ -179,10 +172,6 @@ def _train(cfg: RunConfig, run: RunDir, resume: bool, progress: bool, world: Wor
     if cfg.train.batch_size % world.world_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the "
                           f"{world.world_size} processes")
-    batch_tokens, train_tokens = cfg.train.batch_size * (cfg.train.seq_len + 1), read_meta(shard_dir)["tokens"]["train"]
-    if batch_tokens > train_tokens:  # also what keeps a typo's batch from exhausting the memory
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} windows of {cfg.train.seq_len + 1} tokens "
-                          f"({batch_tokens:,}) are more than the corpus's {train_tokens:,} training tokens")
     resolved = cfg.to_dict()
     if exists:
         changes = config_changes(run.read_config(), resolved)
