@@ -82,3 +82,10 @@ def ffn(mlp, x):
     """W_down (silu(W_gate x) * W_up x)"""
     gate = x @ mlp.gate_proj.weight.T
     return ((gate * torch.sigmoid(gate)) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+
+
+def tree(root) -> dict:
+    """Every path under ``root`` with its bytes (None for a folder): to check that a refused
+    command changed nothing."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}

@@ -233,6 +233,20 @@ def test_rerun_with_another_config_is_refused(sweep, tmp_path):
     assert (copy / "compare.json").read_bytes() == spec  # the refused re-run changed nothing
 
 
+def test_a_run_out_of_memory_fails_alone_and_the_sweep_goes_on(tmp_path, capsys):
+    """A variant too large for any machine (d_model 1e12) is one line and a failed run (exit
+    status 1, not 2: a user error would stop the sweep); the other run trains, in worker processes."""
+    from normlab.cli import main
+
+    out = tmp_path / "out"
+    code = main(["compare", "--strategies", "pre_norm,dyt[model.d_model=1000000000000]", "--seeds", "0",
+                 "--jobs", "2", "--out", str(out), "-q", *TINY, "train.max_steps=2", "train.eval_every=2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "runs: 1 finished, 1 failed" in err, err
+    log = (out / "sweep" / "dyt_model.d_model=1000000000000-s0.log")
+    assert "normlab: error: out of memory (" in log.read_text() and "Traceback" not in log.read_text()
+
+
 @pytest.mark.parametrize("verb", ["compare", "stability", "reproduce", "diagnose", "bench"])
 def test_an_out_dir_holding_other_files_is_refused_before_anything_is_written(tmp_path, capsys, verb):
     """A user's folder (or another run) as --out: one line, exit 2, nothing written or replaced;

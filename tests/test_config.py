@@ -227,3 +227,19 @@ def test_shipped_config_and_demo_strategies_are_valid():
     makefile = (root / "Makefile").read_text()
     strategies = re.search(r"^DEMO_STRATEGIES \?= (\S+)$", makefile, re.M).group(1)
     assert len(parse_variants(strategies)) == 7
+
+
+def test_output_dir_rule(tmp_path):
+    """New, empty (hidden files aside) or marked by the verb's own file; nothing else."""
+    from normlab.errors import check_output_dir
+
+    assert check_output_dir(tmp_path / "new", "--out", ("plan.json",)) == tmp_path / "new"
+    (tmp_path / "mac").mkdir()
+    (tmp_path / "mac" / ".DS_Store").write_text("")
+    assert check_output_dir(tmp_path / "mac", "--out", ("plan.json",)) == tmp_path / "mac"
+    (tmp_path / "project" / "runs").mkdir(parents=True)  # another verb's output or a user's project
+    with pytest.raises(ConfigError, match=r"--out: '.*project' holds other files \(it has no plan.json\)"):
+        check_output_dir(tmp_path / "project", "--out", ("plan.json",))
+    (tmp_path / "project" / "plan.json").write_text("{}")
+    assert check_output_dir(tmp_path / "project", "--out", ("plan.json",)) == tmp_path / "project"
+    assert check_output_dir(tmp_path / "project", "--cache") == tmp_path / "project"  # no marks: any folder

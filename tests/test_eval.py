@@ -30,6 +30,7 @@ from normlab.eval import (
 )
 from normlab.train.checkpoint import save_checkpoint
 from normlab.train.rundir import RunDir
+from reference import tree
 
 SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 BYTES = ByteTokenizer()
@@ -376,12 +377,6 @@ def test_bad_task_fails_before_scoring_and_writes_nothing(tmp_path, monkeypatch)
         evaluate_run(run, [good, bad], progress=False)
     assert not (run / "eval").exists()
 
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a folder)."""
-    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-            for p in sorted(root.rglob("*"))}
 
 
 def evaluate_cli(run: Path, task: Path, *extra: str) -> int:

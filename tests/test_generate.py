@@ -192,8 +192,8 @@ def test_left_padded_prompts_generate_as_each_alone():
 
 @pytest.mark.parametrize("args,message", [
     (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
-    (["--seed", "99999999999999999999999"], "--seed: 99999999999999999999999 is outside 0..4294967295"),
-    (["--seed", "4294967295", "--num-samples", "2"], "--seed: 4294967295 + 2 samples goes past 4294967295"),
+    (["--seed", "99999999999999999999999"], "--seed: 99999999999999999999999 is outside 0..18446744073709551615"),
+    (["--seed", "18446744073709551615", "--num-samples", "2"], "--seed: 18446744073709551615 + 2 samples goes past 18446744073709551615"),
 ])
 def test_generate_rejects_nan_temperature_and_seeds_out_of_range(byte_run, args, message, capsys):
     """The CLI's main in this process: one line, exit status 2."""

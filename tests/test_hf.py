@@ -26,6 +26,7 @@ from normlab.nn.block import Block
 from normlab.strategies import layer_plans
 from normlab.train.rundir import RunDir
 from normlab.train.saved import load_run
+from reference import tree
 
 transformers = pytest.importorskip("transformers")
 
@@ -353,12 +354,6 @@ def test_export_replaces_only_a_previous_export(tmp_path):
 
 
 
-def _tree(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a folder)."""
-    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-            for p in sorted(root.rglob("*"))}
-
-
 def _run(path: Path) -> Path:
     """A run directory at step 1 with a pre_norm model and the byte tokenizer."""
     from normlab.config import DataConfig, RunConfig
@@ -390,7 +385,7 @@ def test_export_keeps_a_directory_holding_anything_export_does_not_write(tmp_pat
     (out / "extra").mkdir()
     (out / "extra" / "data.txt").write_text("mine")
     (tmp_path / "file").write_text("not a folder")
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert main(["export-hf", str(run), str(out)]) == 2
     err = _one_error_line(capsys)
     assert "README.md, extra" in err and "earlier export" in err
@@ -402,7 +397,7 @@ def test_export_keeps_a_directory_holding_anything_export_does_not_write(tmp_pat
             export_run(run, target)
     with pytest.raises(ConfigError, match="README.md, extra"):
         export_run(run, out)
-    assert _tree(tmp_path) == before  # nothing deleted, nothing left behind
+    assert tree(tmp_path) == before  # nothing deleted, nothing left behind
     (tmp_path / "empty").mkdir()
     assert main(["export-hf", str(run), str(tmp_path / "empty")]) == 0
     assert main(["export-hf", str(run), str(tmp_path / "new" / "nested")]) == 0
@@ -471,10 +466,10 @@ def test_import_refuses_damaged_weights_and_config_in_one_line(tmp_path, capsys,
     ByteTokenizer().hf_tokenizer().save(str(src / "tokenizer.json"))
     damage(src)
     (tmp_path / "empty").mkdir()
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     capsys.readouterr()
     for run in (tmp_path / "run", tmp_path / "empty"):
         assert main(["import-hf", str(src), str(run)]) == 2
         err = _one_error_line(capsys)
         assert f"{src / file}" in err and message in err, err
-    assert _tree(tmp_path) == before  # no run, nothing half-written
+    assert tree(tmp_path) == before  # no run, nothing half-written

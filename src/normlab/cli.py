@@ -592,18 +592,20 @@ def _out_of_memory(err: BaseException) -> bool:
     the CPU allocator's RuntimeError."""
     import torch
 
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+    cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
+    return isinstance(err, (MemoryError, cuda_oom)) or "can't allocate memory" in str(err)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as 'normlab: warning: MESSAGE' (the CLI's; --debug keeps Python's format)."""
-    return f"normlab: warning: {message}\n"
+    return f"normlab: warning: {str(message).removeprefix('normlab: ')}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_host_memory()
+    python_format = warnings.formatwarning
     if not args.debug:
         warnings.formatwarning = _one_line_warning
     try:
@@ -614,18 +616,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"normlab: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (MemoryError, RuntimeError) as err:  # sizes too large for this machine: the user's to change
+    except (MemoryError, RuntimeError) as err:  # one line, but a failed run (1), not bad input (2)
         if args.debug or not _out_of_memory(err):
             raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"normlab: error: out of memory ({first_line}); use smaller sizes or batches", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return 1
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `normlab presets | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":

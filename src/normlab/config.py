@@ -349,8 +349,8 @@ def check_fields(data: dict[str, Any], section: str, cls: type = ModelConfig) ->
             raise ConfigError(f"{section}.{key}: unknown key{did_you_mean(key, known)}")
 
 
-#: the largest seed anywhere (train.seed, --seeds, --seed): numpy's and every RNG's range
-MAX_SEED = 2**32 - 1
+#: the largest seed anywhere (train.seed, --seeds, --seed): what torch.manual_seed takes (uint64)
+MAX_SEED = 2**64 - 1
 
 
 def check_seed(option: str, seed: int) -> None:

@@ -53,7 +53,8 @@ def check_output_dir(path: str | Path, option: str, marks: tuple[str, ...] = ())
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option}: '{path}' is a file; expected a directory")
-    if marks and path.is_dir() and any(path.iterdir()) and not any((path / mark).exists() for mark in marks):
+    visible = path.is_dir() and any(not entry.name.startswith(".") for entry in path.iterdir())  # not .DS_Store
+    if marks and visible and not any((path / mark).exists() for mark in marks):
         raise ConfigError(f"{option}: '{path}' holds other files (it has no {' or '.join(marks)}); "
                           "choose a new or empty directory")
     return path

@@ -27,7 +27,7 @@ def diagnose(run_dir: str | Path, out: str | Path, data: str | None = None, step
     """Compute every diagnostic on ``batches`` validation batches and write the outputs. MoE
     routing changes are measured against checkpoint ``reference_step`` (default: the one
     before ``step``, when the run kept one)."""
-    out = check_output_dir(out, "--out", ("diagnostics.json",))
+    out = check_output_dir(out, "--out", ("diagnostics.json", "gradient_norms.png"))  # its last file, its first
     saved = load_run(run_dir, step)
     cfg, model, step = saved.config, saved.model, saved.step
     shard_dir, _ = load_data(cfg.data, progress)

@@ -11,12 +11,15 @@ from typing import Any
 from normlab.compare.plots import save
 from normlab.compare.report import LATE_PART, STALL_MARGIN, run_summary
 from normlab.compare.stats import mean_std
-from normlab.compare.sweep import plan_runs, run_dir, run_sweep
+from normlab.compare.sweep import check_existing, plan_runs, run_dir, run_sweep
 from normlab.data import unigram_loss
 from normlab.diagnostics.figures import stability_maps
 from normlab.errors import ConfigError, check_choice, check_output_dir
 from normlab.strategies import STRATEGIES
 from normlab.train.checkpoint import atomic_write_text
+
+#: the grid a stability sweep trains, written before training: it marks OUT as this verb's
+PLAN_FILE = "stability-plan.json"
 
 
 def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], depths: list[int],
@@ -25,7 +28,7 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
     """Train the grid (skipping finished cells) and write stability.{json,md} and the map.
     Returns the PNG path (None when a run was interrupted: no map from a part of the grid) and
     each run's status."""
-    out = check_output_dir(out, "--out", ("stability.json", "runs"))
+    out = check_output_dir(out, "--out", (PLAN_FILE, "stability.json"))
     for name in strategies:
         check_choice("--strategies", name, tuple(STRATEGIES))
     for label, values in (("--strategies", strategies), ("--lrs", lrs), ("--depths", depths), ("--seeds", seeds)):
@@ -39,6 +42,10 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
                                        [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}",
                                         f"train.seed={seed}"])
                                       for s in strategies for d in depths for lr in lrs for seed in seeds], progress)
+    check_existing(runs, out)  # before the plan: a refused re-run leaves the old one in place
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / PLAN_FILE, json.dumps({"strategies": strategies, "depths": depths, "lrs": lrs,
+                                                   "seeds": seeds, "runs": [run.name for run in runs]}, indent=1) + "\n")
     statuses = run_sweep(runs, out, progress, jobs)
     if "interrupted" in statuses.values():
         return None, statuses

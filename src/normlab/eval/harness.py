@@ -99,14 +99,15 @@ def evaluate_run(run_dir: StrPath, tasks: Sequence[StrPath], *, step: int | None
     results = {"run_dir": str(saved.path), **results, "checkpoint_step": saved.step}
     if path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))  # check_results_path: results JSON
-        if all(earlier.get(key) == results[key] for key in MERGE_KEYS):
+        same_run = Path(str(earlier.get("run_dir"))).resolve() == Path(results["run_dir"]).resolve()
+        if same_run and all(earlier.get(key) == results[key] for key in MERGE_KEYS):
             results["tasks"] = {**earlier["tasks"], **results["tasks"]}
     _write_results(path, json.dumps(results, indent=2) + "\n")
     return results
 
 
-#: results that agree on these were scored alike, and their tasks may share one file
-MERGE_KEYS = ("run_dir", "checkpoint_step", "tokenizer", "max_seq_len", "seed", "limit", "num_fewshot")
+#: results of one run that agree on these were scored alike, and their tasks may share one file
+MERGE_KEYS = ("checkpoint_step", "tokenizer", "max_seq_len", "seed", "limit", "num_fewshot")
 
 
 def default_results_path(run_dir: StrPath, step: int) -> Path:

@@ -161,8 +161,8 @@ def _load_weights(transformers: Any, source: Path, hf_config: Any) -> Any:
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
-    files = sorted(path.name for path in source.glob("*.safetensors")) or ["the checkpoint"]
-    where = f"'{source / files[0]}'" if len(files) == 1 else f"'{source}' ({', '.join(files)})"
+    files = sorted(path.name for path in source.glob("*.safetensors"))
+    where = f"'{source / files[0]}'" if len(files) == 1 else f"'{source}'" + (f" ({', '.join(files)})" if files else "")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

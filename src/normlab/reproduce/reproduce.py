@@ -10,14 +10,14 @@ from typing import Any
 
 from normlab.compare.compare import Variant, parse_variants
 from normlab.compare.report import COMPLETED, run_summary
-from normlab.compare.sweep import plan_runs, run_dir, run_sweep
+from normlab.compare.sweep import check_existing, plan_runs, run_dir, run_sweep
 from normlab.config import RunConfig
 from normlab.data import unigram_loss
 from normlab.diagnostics import diagnose
 from normlab.errors import ConfigError, check_output_dir, did_you_mean
 from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
 from normlab.reproduce.report import write_report
-from normlab.train.checkpoint import list_checkpoints
+from normlab.train.checkpoint import atomic_write_text, list_checkpoints
 from normlab.train.rundir import RunDir
 
 
@@ -84,13 +84,18 @@ def claim_variants(claim: Claim, budget: Budget) -> dict[str, Variant]:
             for label, v in variants.items()}
 
 
+#: the claims, budget, seeds and runs of a reproduction, written before training: it marks OUT as
+#: this verb's
+PLAN_FILE = "reproduce-plan.json"
+
+
 def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[int] | None = None,
               jobs: int = 1, progress: bool = True) -> tuple[Path | None, dict[str, str]]:
     """Train every (variant, seed) the claims need into OUT/runs, diagnose each finished run's
     last checkpoint into RUN/diagnose, evaluate the claims and write the report. Returns
     reproduce.html's path (None when a run was interrupted: no verdicts from a part of the
     runs) and each run's status."""
-    out = check_output_dir(out, "--out", ("claims.json", "runs"))
+    out = check_output_dir(out, "--out", (PLAN_FILE, "claims.json"))
     seeds = list(seeds or budget.seeds)
     if jobs < 1:
         raise ConfigError(f"--jobs: expected a positive integer, got {jobs}")
@@ -101,6 +106,10 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     runs, shard_dir = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
                                        [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
                                       for v in trained.values() for seed in seeds], progress)
+    check_existing(runs, out)  # before the plan: a refused re-run leaves the old one in place
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / PLAN_FILE, json.dumps({"claims": [claim.id for claim in claims], "budget": budget.name,
+                                                   "seeds": seeds, "runs": [run.name for run in runs]}, indent=1) + "\n")
     statuses = run_sweep(runs, out, progress, jobs)
     if "interrupted" in statuses.values():
         return None, statuses
