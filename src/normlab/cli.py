@@ -241,7 +241,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from normlab.eval import default_results_path, evaluate_run
 
     check_seed("--seed", args.seed)
-
     results = evaluate_run(args.run, _parse_list(args.tasks, str, "--tasks"), step=args.checkpoint,
                            out=args.out, device=args.device, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
                            limit=args.limit, batch_size=args.batch_size, seed=args.seed,
@@ -270,7 +269,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer")
-    if not args.temperature >= 0 or args.temperature == math.inf or (
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or (
             args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("--temperature must be a finite number >= 0, --top-k >= 1 and --top-p in (0, 1]")
     check_seed("--seed", args.seed)

@@ -7,7 +7,6 @@ A variant is a strategy name, optionally with overrides in brackets:
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
 import time
@@ -17,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from normlab.compare.report import eval_results, write_report
-from normlab.compare.sweep import check_existing, plan_runs, run_sweep
+from normlab.compare.sweep import plan_runs, run_sweep, write_plan
 from normlab.config import INIT_SCHEMES, SECTIONS, RunConfig, apply_overrides
 from normlab.data import unigram_loss
 from normlab.errors import ConfigError, check_choice, check_output_dir
 from normlab.eval import default_results_path, load_task
 from normlab.nn.model import build_model
 from normlab.strategies import STRATEGIES
-from normlab.train.checkpoint import atomic_write_text, list_checkpoints
+from normlab.train.checkpoint import list_checkpoints
 from normlab.train.rundir import RunDir
 from normlab.workers import WorkerPool, log_tail
 
@@ -136,9 +135,7 @@ def compare(raw: dict[str, Any], variants: list[Variant], seeds: list[int], out:
         },
         "eval": None if evaluation is None else {"tasks": evaluation.tasks, "names": task_names, **evaluation.options()},
     }
-    check_existing(runs, out)  # before compare.json: a refused re-run leaves the old spec in place
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.json", json.dumps(spec, indent=1) + "\n")
+    write_plan(runs, out, "compare.json", spec)
     statuses = run_sweep(runs, out, progress, jobs)
     if evaluation is not None:
         finished = [r.name for r in runs if statuses[r.name] == "finished"]

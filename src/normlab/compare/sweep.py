@@ -9,6 +9,7 @@ both build on this.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,14 @@ def check_existing(runs: list[SweepRun], out: Path) -> None:
                     f"'{directory.path}' was trained with another config ({'; '.join(changes[:3])}); "
                     "use another --out or the original config"
                 )
+
+
+def write_plan(runs: list[SweepRun], out: Path, name: str, plan: dict[str, Any]) -> None:
+    """OUT/NAME, the sweep's plan as JSON (it marks OUT as this verb's), written before anything
+    trains and after ``check_existing``: a refused re-run leaves the earlier plan in place."""
+    check_existing(runs, out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / name, json.dumps(plan, indent=1) + "\n")
 
 
 def run_sweep(runs: list[SweepRun], out: Path, progress: bool = True, jobs: int = 1) -> dict[str, str]:

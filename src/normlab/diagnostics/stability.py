@@ -11,7 +11,7 @@ from typing import Any
 from normlab.compare.plots import save
 from normlab.compare.report import LATE_PART, STALL_MARGIN, run_summary
 from normlab.compare.stats import mean_std
-from normlab.compare.sweep import check_existing, plan_runs, run_dir, run_sweep
+from normlab.compare.sweep import plan_runs, run_dir, run_sweep, write_plan
 from normlab.data import unigram_loss
 from normlab.diagnostics.figures import stability_maps
 from normlab.errors import ConfigError, check_choice, check_output_dir
@@ -42,10 +42,8 @@ def stability(raw: dict[str, Any], strategies: list[str], lrs: list[float], dept
                                        [f"model.strategy={s}", f"model.n_layers={d}", f"train.lr={lr!r}",
                                         f"train.seed={seed}"])
                                       for s in strategies for d in depths for lr in lrs for seed in seeds], progress)
-    check_existing(runs, out)  # before the plan: a refused re-run leaves the old one in place
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / PLAN_FILE, json.dumps({"strategies": strategies, "depths": depths, "lrs": lrs,
-                                                   "seeds": seeds, "runs": [run.name for run in runs]}, indent=1) + "\n")
+    write_plan(runs, out, PLAN_FILE, {"strategies": strategies, "depths": depths, "lrs": lrs, "seeds": seeds,
+                                      "runs": [run.name for run in runs]})
     statuses = run_sweep(runs, out, progress, jobs)
     if "interrupted" in statuses.values():
         return None, statuses

@@ -10,14 +10,14 @@ from typing import Any
 
 from normlab.compare.compare import Variant, parse_variants
 from normlab.compare.report import COMPLETED, run_summary
-from normlab.compare.sweep import check_existing, plan_runs, run_dir, run_sweep
+from normlab.compare.sweep import plan_runs, run_dir, run_sweep, write_plan
 from normlab.config import RunConfig
 from normlab.data import unigram_loss
 from normlab.diagnostics import diagnose
 from normlab.errors import ConfigError, check_output_dir, did_you_mean
 from normlab.reproduce.claims import CLAIMS, Claim, RunData, evaluate_claim
 from normlab.reproduce.report import write_report
-from normlab.train.checkpoint import atomic_write_text, list_checkpoints
+from normlab.train.checkpoint import list_checkpoints
 from normlab.train.rundir import RunDir
 
 
@@ -106,10 +106,8 @@ def reproduce(claims: list[Claim], budget: Budget, out: str | Path, seeds: list[
     runs, shard_dir = plan_runs(raw, [(f"{v.slug}-s{seed}", {"variant": v.label, "seed": seed},
                                        [f"model.strategy={v.strategy}", *v.overrides, f"train.seed={seed}"])
                                       for v in trained.values() for seed in seeds], progress)
-    check_existing(runs, out)  # before the plan: a refused re-run leaves the old one in place
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / PLAN_FILE, json.dumps({"claims": [claim.id for claim in claims], "budget": budget.name,
-                                                   "seeds": seeds, "runs": [run.name for run in runs]}, indent=1) + "\n")
+    write_plan(runs, out, PLAN_FILE, {"claims": [claim.id for claim in claims], "budget": budget.name,
+                                      "seeds": seeds, "runs": [run.name for run in runs]})
     statuses = run_sweep(runs, out, progress, jobs)
     if "interrupted" in statuses.values():
         return None, statuses
