@@ -234,8 +234,9 @@ def test_rerun_with_another_config_is_refused(sweep, tmp_path):
 
 
 def test_a_run_out_of_memory_fails_alone_and_the_sweep_goes_on(tmp_path, capsys):
-    """A variant too large for any machine (d_model 1e12) is one line and a failed run (exit
-    status 1, not 2: a user error would stop the sweep); the other run trains, in worker processes."""
+    """A variant too large for any machine (d_model 1e12, refused by the trainer's memory floor
+    before it allocates) is one line and a failed run (exit status 1, not 2: a user error would
+    stop the sweep); the other run trains, in worker processes."""
     from normlab.cli import main
 
     out = tmp_path / "out"

@@ -466,3 +466,72 @@ def test_freed_host_memory_is_reused_without_page_faults():
     applied, returned = faults(NORMLAB_KEEP_FREED_MEMORY="0")
     assert not applied and returned > 6 * 16384  # what the setting saves
     assert faults(MALLOC_ARENA_MAX="2")[0] is False  # the user's own malloc settings stand
+
+
+def test_step_floor_by_hand_and_below_a_measured_step():
+    """16 bytes per parameter (fp32 weight, gradient, two AdamW moments; sharded over the
+    processes under FSDP) plus tokens x layers x 2 d_model activations; and no more than the
+    memory one real train step holds (parameters, optimizer state and the step's peak)."""
+    from normlab.bench import TrainStep, step_memory
+    from normlab.nn.model import build_model
+    from normlab.train.memory import step_floor
+
+    for strategy in ("pre_norm", "post_norm", "hybridnorm", "bhyt"):
+        cfg = raw(f"model.strategy={strategy}")
+        floor = step_floor(cfg.model, cfg.train)
+        model = build_model(cfg.model)
+        params = sum(p.numel() for p in model.parameters())
+        assert floor.state == 16 * params
+        assert floor.activations == 4 * 32 * 2 * 2 * 32 * 4  # batch 4 x seq 32 tokens, 2 layers, 2 x d 32, fp32
+        assert step_floor(cfg.model, cfg.train, processes=2, sharded=True).state == 8 * params
+        assert step_floor(cfg.model, cfg.train, processes=2).activations == floor.activations // 2
+        ids = torch.randint(0, cfg.model.vocab_size, (4, 32))
+        step = TrainStep(model, ids)
+        step()  # the optimizer's moments exist from the first step on
+        measured = step_memory(step, torch.device("cpu"))
+        assert floor.total <= measured["resident"] + measured["step_peak"], (strategy, floor, measured)
+
+
+def test_a_run_that_cannot_fit_stops_before_allocating(tmp_path, capsys):
+    """A batch (or width) beyond the machine's memory is one line and exit status 1, a failed
+    run (what the OOM killer's SIGKILL, exit 137 and no message, made of it before), with no
+    config written; the same --out then takes a run that fits."""
+    run = tmp_path / "run"
+    started = time.perf_counter()
+    code = main(["train", "--out", str(run), "-q", *TINY, "train.batch_size=100000000"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "out of memory (a train step needs at least 1,638.4 GB" in err and "the CPU has" in err  # 1e8 x 32 x 2 x 64 x 4
+    assert time.perf_counter() - started < 30 and not (run / "config.yaml").exists()
+    assert main(["train", "--out", str(run), "-q", *TINY, "train.max_steps=2", "train.eval_every=2"]) == 0
+
+
+def test_memory_capacity_takes_a_containers_limit(tmp_path, monkeypatch):
+    from normlab.train import memory
+
+    physical = memory.memory_capacity(torch.device("cpu"))
+    assert physical is not None and physical > 0
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (limit,))
+    for text, expected in (("max\n", physical), (f"{physical // 4}\n", physical // 4),
+                           (f"{physical * 4}\n", physical)):
+        limit.write_text(text)
+        assert memory.memory_capacity(torch.device("cpu")) == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this machine share it
+    assert memory.memory_capacity(torch.device("cpu")) == physical // 2
+    assert memory.memory_capacity(torch.device("meta")) is None
+
+
+def test_an_allocation_that_fails_is_one_line_and_a_failed_run(monkeypatch, capsys):
+    """What the memory floor lets through can still fail to allocate: torch's CPU allocator's
+    RuntimeError is one line and exit status 1, like the floor's MemoryError."""
+    import normlab.cli
+
+    def allocate(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(normlab.cli, "_cmd_train", allocate)
+    assert main(["train", "--out", "unused", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: out of memory ([enforce fail") and len(err.strip().splitlines()) == 1

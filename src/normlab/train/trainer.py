@@ -42,6 +42,7 @@ from normlab.train.checkpoint import (
 )
 from normlab.train.compile import PROBE_STEPS, CompileLog, CompileMeasurement, measure, signature
 from normlab.train.distributed import World
+from normlab.train.memory import check_step_fits
 from normlab.train.optim import build_optimizer, build_scheduler, lr_factor
 from normlab.train.rundir import RunDir
 
@@ -219,6 +220,8 @@ class Trainer:
         self.device = pick_device(t.device)
         if self.device.type == "cuda" and world.distributed:
             self.device = torch.device("cuda", world.local_rank)
+        # before any allocation: a run that cannot fit stops here, not in the OOM killer
+        check_step_fits(cfg.model, t, self.device, world.world_size, world.distributed and t.distributed == "fsdp")
         self.train_shards = TokenShards(shard_dir, "train")
         self.val_shards = TokenShards(shard_dir, "val")
         self.sampler = BatchSampler(self.train_shards, t.batch_size // world.world_size, t.seq_len, t.seed,
