@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -432,6 +433,30 @@ def test_out_replaces_an_earlier_results_file(tmp_path):
     assert evaluate_cli(run, task) == 0  # the default file is replaced too
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["mine.json", "step_000003.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cont.jsonl", "results.json", "run"]
+
+
+def test_an_earlier_results_file_in_a_read_only_folder_is_refused_before_scoring(tmp_path, monkeypatch, capsys):
+    """Replacing results writes a temporary file beside them: a folder that takes no new file
+    is refused before the (possibly long) scoring, not after it."""
+    import normlab.errors
+
+    run = make_run(tmp_path / "run")
+    task = write_jsonl(tmp_path / "cont.jsonl", [{"context": "c", "continuation": "d"}])
+    out = tmp_path / "kept" / "results.json"
+    assert evaluate_cli(run, task, "--out", str(out)) == 0
+    before = tree(tmp_path)
+    writable = os.access
+    monkeypatch.setattr(normlab.errors.os, "access",  # root may write anywhere: pretend it may not here
+                        lambda path, mode: Path(path) != out.parent and writable(path, mode))
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before --out was checked")
+
+    monkeypatch.setattr(harness, "score", no_scoring)
+    assert evaluate_cli(run, task, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert f"no permission to write in '{out.parent}'" in err and err.count("\n") == 1, err
+    assert tree(tmp_path) == before
 
 
 def test_another_task_scored_later_joins_the_earlier_results(tmp_path):

@@ -61,8 +61,9 @@ def check_output_dir(path: str | Path, option: str, marks: tuple[str, ...] = ())
 
 
 def check_creatable(path: Path) -> None:
-    """A ConfigError unless the missing file or directory ``path`` can be made: its nearest
-    existing ancestor is a directory this process may write in."""
+    """A ConfigError unless the file or directory ``path`` can be made (or, when it exists,
+    replaced through a temporary file beside it): its nearest existing ancestor is a directory
+    this process may write in."""
     folder = path.parent
     while not folder.exists():
         folder = folder.parent

@@ -155,8 +155,7 @@ def check_results_path(out: StrPath, run_dir: StrPath) -> Path:
         if not is_results_file(path):
             raise ConfigError(f"{where} holds something other than earlier normlab evaluate results; "
                               "choose another path (it is left as it is)")
-    if not path.exists():
-        check_creatable(path)
+    check_creatable(path)  # an earlier file is replaced through a temporary file beside it
     return path
 
 
