@@ -190,3 +190,34 @@ def test_cpu_profile_silences_stderr_inside_only(capfd):
         raise RuntimeError("step failed")
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
+
+
+def test_compiled_train_step_is_a_third_candidate(monkeypatch):
+    """``--compile``: normlab's train step on torch.compile's module (a stand-in that counts its
+    calls here: compiling is test_norm_paths' job), against eager and against transformers, the
+    first call timed apart; the shares stay those of the eager sides."""
+    pytest.importorskip("transformers")
+    from normlab import bench
+
+    calls = []
+
+    class Compiled(torch.nn.Module):  # holds the model's parameters, as torch.compile's OptimizedModule does
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.module(*args, **kwargs)
+
+    monkeypatch.setattr(bench.torch, "compile", Compiled)
+    target = Sizes(d_model=32, n_layers=1, n_heads=2, seq_len=16, batch=2, vocab=64, ffn_hidden=64)
+    figures = {f.name: f for f in bench.bench_transformers({"t": target}, rounds=2, device=torch.device("cpu"),
+                                                           compiled=True)}
+    assert len(calls) == 1 + 1 + 2  # the first call, interleaved's warm-up, two rounds
+    for name in ("train step normlab compiled / eager, config t", "train step normlab compiled / LlamaForCausalLM, config t"):
+        assert figures[name].value > 0 and "the first compiled step took" in figures[name].note
+    assert set(figures["train step normlab compiled / eager, config t"].seconds) == {"normlab compiled", "normlab"}
+    assert [n for n in figures if "outside matmul" in n] == [
+        "normlab train step outside matmul and attention, config t",
+        "transformers train step outside matmul and attention, config t"]

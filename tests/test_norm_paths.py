@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 
 import pytest
 import torch
@@ -249,3 +250,22 @@ def test_same_seed_gives_the_same_loss_curve_on_both_paths(strategy):
     fast = curve(False)
     assert fast == curve(False)  # the kernels are deterministic for a fixed thread count
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(curve(True)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler")
+def test_compiled_model_matches_the_fast_eager_path():
+    """``train.compile: true``: torch.compile traces the formulas (the kernels step aside while
+    compiling) and inductor fuses them; the whole model's loss (through the trainer's
+    ``targets`` path: chunked head and loss) and every gradient agree with the eager fast path.
+    BHyT: its shared statistic, the FFN site's s2_hat and the c_attn buffer go through the graph."""
+    model = build_model(ModelConfig.from_strategy("bhyt", vocab_size=50, d_model=32, n_layers=2, n_heads=4,
+                                                  n_kv_heads=2, max_seq_len=16), seed=0)
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for forward in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        loss = forward(ids, targets=ids).loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -446,10 +446,14 @@ def _llama_twin(cfg: ModelConfig, device: torch.device):
     return ours, hf
 
 
-def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.device) -> list[Figure]:
+def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.device,
+                       compiled: bool = False) -> list[Figure]:
     """normlab pre_norm / LlamaForCausalLM with the same weights, per config: train step
     (``TrainStep`` on both sides) and forward; on the CPU also each side's share of a train step
-    outside matmul and attention (one profiled step each). Empty without transformers."""
+    outside matmul and attention (one profiled step each). With ``compiled`` also normlab's
+    train step with ``train.compile: true`` (``torch.compile`` of the model, as the trainer
+    does; a third model with the same weights) against the eager one and against
+    transformers, its first call (the compilation) timed apart. Empty without transformers."""
     figures = []
     for label, sizes in targets.items():
         twin = _llama_twin(sizes.model_config(), device)
@@ -462,6 +466,12 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
             return hf(input_ids=x, use_cache=False).logits
 
         steps = {"normlab": TrainStep(ours, ids), "transformers": TrainStep(hf, ids, hf_logits)}
+        compile_seconds = None
+        if compiled:
+            steps["normlab compiled"] = TrainStep(torch.compile(build_model(sizes.model_config()).to(device)), ids)
+            start = time.perf_counter()
+            steps["normlab compiled"]()
+            compile_seconds = time.perf_counter() - start
         train = interleaved(steps, rounds, 1, device)
         with torch.no_grad():
             forward = interleaved({"normlab": functools.partial(ours, ids),
@@ -471,8 +481,15 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
                                  "normlab", "transformers", config),
                     forward.figure("transformers", f"forward normlab / LlamaForCausalLM, config {label}",
                                    "normlab", "transformers", config)]
+        if compiled:
+            note = (f"the first compiled step took {_duration(compile_seconds)} (compiling, or reading torch's "
+                    "compile cache of an earlier process), not in the ratio")
+            figures += [train.figure("transformers", f"train step normlab compiled / eager, config {label}",
+                                     "normlab compiled", "normlab", config, note),
+                        train.figure("transformers", f"train step normlab compiled / LlamaForCausalLM, config {label}",
+                                     "normlab compiled", "transformers", config, note)]
         if device.type == "cpu":
-            figures += [_share_figure(side, label, sizes, step) for side, step in steps.items()]
+            figures += [_share_figure(side, label, sizes, steps[side]) for side in ("normlab", "transformers")]
     return figures
 
 
@@ -719,9 +736,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", strategies: list[str] | None = None,
               sections: Iterable[str] = SECTIONS, out: str | Path | None = None,
               targets: dict[str, Sizes] = TARGET_SIZES, norm_shapes: Iterable[tuple[int, int]] = NORM_SHAPES,
-              norm_paths: Iterable[str] | None = None) -> dict[str, Any]:
+              norm_paths: Iterable[str] | None = None, compiled: bool = False) -> dict[str, Any]:
     """Run the chosen sections, print each one's figures as it finishes, and with ``out`` write
-    DIR/bench.json and DIR/bench.md. Returns what bench.json holds."""
+    DIR/bench.json and DIR/bench.md. Returns what bench.json holds. ``compiled`` adds normlab's
+    compiled train step to the transformers section."""
     sections = list(sections)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -739,7 +757,7 @@ def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", stra
          f"fp32 matmul {machine['matmul_gflops_fp32']:.0f} GFLOP/s), torch {machine['torch']}; median of {rounds} "
          "interleaved rounds, IQR of the per-round ratios in brackets")
     runners: dict[str, Callable[[], list[Figure]]] = {
-        "transformers": lambda: bench_transformers(targets, rounds, dev),
+        "transformers": lambda: bench_transformers(targets, rounds, dev, compiled),
         "generation": lambda: bench_generation(sizes, rounds, dev),
         "scoring": lambda: bench_scoring(sizes, max(1, rounds // 2), dev),
         "moe": lambda: bench_moe(sizes, rounds, dev),
@@ -765,7 +783,7 @@ def run_bench(sizes: Sizes = Sizes(), rounds: int = 5, device: str = "cpu", stra
     result = {"machine": machine,
               "setup": {"sizes": asdict(sizes), "targets": {k: asdict(v) for k, v in targets.items()},
                         "norm_shapes": [list(s) for s in norm_shapes], "norm_paths": list(norm_paths),
-                        "rounds": rounds, "sections": sections, "strategies": names},
+                        "rounds": rounds, "sections": sections, "strategies": names, "compiled": compiled},
               "seconds_total": time.perf_counter() - started, "seconds_by_section": section_seconds,
               "figures": [asdict(f) for f in figures]}
     _say(f"\nbench took {result['seconds_total']:.0f} s")

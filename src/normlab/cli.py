@@ -331,7 +331,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sections = _parse_list(args.sections, str, "--sections") if args.sections else SECTIONS
     sizes = Sizes(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
                   batch=args.batch, vocab=args.vocab)
-    run_bench(sizes, args.rounds, args.device, strategies, sections, args.out)
+    run_bench(sizes, args.rounds, args.device, strategies, sections, args.out, compiled=args.compile)
     return 0
 
 
@@ -569,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="comma-separated subset (default: all)")
     p.add_argument("--sections", help="comma-separated subset of transformers, generation, scoring, moe, "
                    "strategies, memory, norms (default: all)")
+    p.add_argument("--compile", action="store_true", help="transformers section: also normlab's train step "
+                   "with train.compile=true, against eager and against transformers (compiling takes about a "
+                   "minute per config on 2 CPU cores)")
     p.add_argument("--out", metavar="DIR", help="also write DIR/bench.json (every figure, its IQR, median "
                    "times, sizes and the machine) and DIR/bench.md (a Markdown table)")
     p.set_defaults(func=_cmd_bench)
