@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.normlab-installed
 DEMO_OUT   ?= runs/demo
 DEMO_STRATEGIES ?= pre_norm,post_norm,mixln,hybridnorm,hybridnorm_star,dyt,bhyt
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -44,6 +44,18 @@ BENCH_OUT ?= bench
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/normlab bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# On a CUDA machine whose python3 already holds torch, triton and transformers (no install, no
+# network: normlab runs from src/): the CUDA tests, a short bf16 training run and the GPU bench,
+# everything under GPU_OUT. Add liger-kernel to that python for the 'liger' norm path.
+GPU_PYTHON ?= python3
+GPU_OUT    ?= gpu-check
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_norms.py tests/test_norm_paths.py tests/test_loss.py
+	PYTHONPATH=src $(GPU_PYTHON) -m normlab.cli train --config configs/tiny.yaml --out $(GPU_OUT)/run -q \
+	    train.device=cuda train.precision=bf16 train.max_steps=60
+	PYTHONPATH=src $(GPU_PYTHON) -m normlab.cli bench --device cuda --sections norms,transformers,strategies,memory \
+	    --out $(GPU_OUT)/bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
