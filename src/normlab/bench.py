@@ -637,6 +637,13 @@ class _StatisticGiven(nn.Module):
         return self.norm.apply(x, s2)
 
 
+#: the norms section's reference kernel pair: the 5 passes of a norm's forward+backward, nothing else
+ELEMENTWISE_CEILING = "elementwise ceiling (neg + add)"
+CEILING_NOTE = ("torch.neg (read x, write y) and torch.add (read x and dy, write dx): a norm's 5 passes in "
+                "ATen's vectorized loops, with no arithmetic and no second read of a row; about what a norm "
+                "kernel can reach at this shape on this machine")
+
+
 def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.device,
                 paths: Iterable[str] | None = None, kinds: Iterable[str] | None = None,
                 number: int = 5) -> list[Figure]:
@@ -645,7 +652,9 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
     that applies to it, as a fraction of copy bandwidth (``copy_fraction``; on CUDA about the
     fraction of HBM bandwidth), all timed together with ``dst.copy_(src)`` on the same shape. A
     shared-statistic type (bhyt) is timed at both sites: the attention site computes the
-    statistic, the FFN site gets it (a 4-pass minimum, so its fraction can exceed 1). A path
+    statistic, the FFN site gets it (a 4-pass minimum, so its fraction can exceed 1). The
+    ``ELEMENTWISE_CEILING`` pair is timed with them: a fraction of copy bandwidth that a pure
+    5-pass elementwise kernel reaches (a copy can stay in cache where 5 passes do not). A path
     that fails on its first call (torch.compile without a C++ compiler) is reported and left
     out; its first call's time (compilation) is in the figure's seconds."""
     kinds = [k for k in (kinds or NORMS) if k != "none"]
@@ -662,7 +671,9 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
         grad = torch.randn_like(x)
         s2 = x.detach().pow(2).mean(-1, keepdim=True).requires_grad_()
         src, dst = torch.randn_like(x), torch.empty_like(x)
-        calls: dict[str, Callable[[], None]] = {"copy": lambda src=src, dst=dst: dst.copy_(src)}
+        calls: dict[str, Callable[[], None]] = {
+            "copy": lambda src=src, dst=dst: dst.copy_(src),
+            ELEMENTWISE_CEILING: lambda src=src, grad=grad: (torch.neg(src), torch.add(src, grad))}
         first_call: dict[str, float] = {}
         for kind in kinds:
             sites = {kind: ((x,), None)}
@@ -695,7 +706,7 @@ def bench_norms(shapes: Iterable[tuple[int, int]], rounds: int, device: torch.de
                 seconds["first call"] = first_call[name]
             figures.append(Figure("norms", f"{name}, {tokens}x{width}", fraction["fraction"], FRACTION,
                                   fraction["iqr"], seconds, {"tokens": tokens, "width": width, "dtype": "float32"},
-                                  note if name in first_call else "",
+                                  CEILING_NOTE if name == ELEMENTWISE_CEILING else note if name in first_call else "",
                                   rounds={"forward+backward": times.samples[name], "copy": times.samples["copy"]}))
     return figures
 
