@@ -502,6 +502,7 @@ def test_a_run_that_cannot_fit_stops_before_allocating(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "out of memory (a train step needs at least 1,638.4 GB" in err and "the CPU has" in err  # 1e8 x 32 x 2 x 64 x 4
+    assert "a smaller train.batch_size with train.grad_accum raised as much keeps the tokens per step" in err
     assert time.perf_counter() - started < 30 and not (run / "config.yaml").exists()
     assert main(["train", "--out", str(run), "-q", *TINY, "train.max_steps=2", "train.eval_every=2"]) == 0
 

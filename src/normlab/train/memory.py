@@ -97,10 +97,14 @@ def check_step_fits(model: ModelConfig, train: TrainConfig, device: torch.device
         return
     floor = step_floor(model, train, processes, sharded)
     if floor.total > capacity:
+        hint = ""
+        if floor.activations > floor.state and floor.state < capacity:
+            hint = ("; a smaller train.batch_size with train.grad_accum raised as much keeps the tokens per step "
+                    "(batch_size x seq_len x grad_accum)")
         raise MemoryError(
             f"a train step needs at least {_gb(floor.total)}: parameters, gradients and AdamW state "
             f"{_gb(floor.state)}, activations of {floor.tokens:,} tokens per micro-batch at least "
-            f"{_gb(floor.activations)}; the {device.type.upper()} has {_gb(capacity)}")
+            f"{_gb(floor.activations)}; the {device.type.upper()} has {_gb(capacity)}{hint}")
 
 
 def _gb(nbytes: int) -> str:
