@@ -46,12 +46,14 @@ bench: $(STAMP)
 	$(BIN)/normlab bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # On a CUDA machine whose python3 already holds torch, triton and transformers (no install, no
-# network: normlab runs from src/): the CUDA tests, a short bf16 training run and the GPU bench,
-# everything under GPU_OUT. Add liger-kernel to that python for the 'liger' norm path.
+# network: normlab runs from src/): the Triton kernel tests (on the GPU and under Triton's
+# interpreter), a short bf16 training run and the GPU bench, everything under GPU_OUT (the run
+# is made afresh each time). Add liger-kernel to that python for the 'liger' norm path.
 GPU_PYTHON ?= python3
 GPU_OUT    ?= gpu-check
 gpu-check:
-	PYTHONPATH=src $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_norms.py tests/test_norm_paths.py tests/test_loss.py
+	PYTHONPATH=src $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_norms.py
+	rm -rf $(GPU_OUT)/run
 	PYTHONPATH=src $(GPU_PYTHON) -m normlab.cli train --config configs/tiny.yaml --out $(GPU_OUT)/run -q \
 	    train.device=cuda train.precision=bf16 train.max_steps=60
 	PYTHONPATH=src $(GPU_PYTHON) -m normlab.cli bench --device cuda --sections norms,transformers,strategies,memory \

@@ -223,3 +223,25 @@ def test_compiled_train_step_is_a_third_candidate(monkeypatch):
     assert [n for n in figures if "outside matmul" in n] == [
         "normlab train step outside matmul and attention, config t",
         "transformers train step outside matmul and attention, config t"]
+
+
+def test_a_compiled_step_that_fails_is_left_out(monkeypatch, capsys):
+    """No C++ compiler for inductor: the compiled candidate is reported and left out, the
+    section's other figures stay."""
+    pytest.importorskip("transformers")
+    from normlab import bench
+
+    class Failing(torch.nn.Module):  # compiles on its first call, as torch.compile's module does
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(bench.torch, "compile", Failing)
+    target = Sizes(d_model=32, n_layers=1, n_heads=2, seq_len=16, batch=2, vocab=64, ffn_hidden=64)
+    names = [f.name for f in bench.bench_transformers({"t": target}, rounds=1, device=torch.device("cpu"), compiled=True)]
+    assert names[:2] == ["train step normlab / LlamaForCausalLM, config t", "forward normlab / LlamaForCausalLM, config t"]
+    assert not any("compiled" in name for name in names)
+    assert "normlab compiled: left out, its first call failed: RuntimeError: InvalidCxxCompiler" in capsys.readouterr().out

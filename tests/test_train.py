@@ -469,27 +469,37 @@ def test_freed_host_memory_is_reused_without_page_faults():
 
 
 def test_step_floor_by_hand_and_below_a_measured_step():
-    """16 bytes per parameter (fp32 weight, gradient, two AdamW moments; sharded over the
-    processes under FSDP) plus tokens x layers x 2 d_model activations; and no more than the
-    memory one real train step holds (parameters, optimizer state and the step's peak)."""
+    """Weights and AdamW's moments (12 bytes per parameter; 4 in a one-step run, whose moments
+    appear only after its backward), then the larger of the gradients (4 bytes per parameter)
+    and tokens x layers x 2 d_model activations; sharded over the processes under FSDP. And no
+    more than one real train step holds (parameters, optimizer state and the step's peak),
+    whether activations or gradients are the larger part."""
     from normlab.bench import TrainStep, step_memory
     from normlab.nn.model import build_model
     from normlab.train.memory import step_floor
 
-    for strategy in ("pre_norm", "post_norm", "hybridnorm", "bhyt"):
-        cfg = raw(f"model.strategy={strategy}")
+    cases = [(strategy, ()) for strategy in ("pre_norm", "post_norm", "hybridnorm", "bhyt")]
+    cases.append(("pre_norm", ("model.d_model=256", "train.batch_size=1", "train.seq_len=8")))  # gradients win
+    for strategy, overrides in cases:
+        cfg = raw(f"model.strategy={strategy}", *overrides)
         floor = step_floor(cfg.model, cfg.train)
         model = build_model(cfg.model)
         params = sum(p.numel() for p in model.parameters())
-        assert floor.state == 16 * params
-        assert floor.activations == 4 * 32 * 2 * 2 * 32 * 4  # batch 4 x seq 32 tokens, 2 layers, 2 x d 32, fp32
-        assert step_floor(cfg.model, cfg.train, processes=2, sharded=True).state == 8 * params
-        assert step_floor(cfg.model, cfg.train, processes=2).activations == floor.activations // 2
-        ids = torch.randint(0, cfg.model.vocab_size, (4, 32))
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        assert (floor.held, floor.gradients, floor.tokens) == (12 * params, 4 * params, tokens)
+        assert floor.activations == tokens * cfg.model.n_layers * 2 * cfg.model.d_model * 4
+        assert floor.total == 12 * params + max(4 * params, floor.activations)
+        assert step_floor(cfg.model, TrainConfig(**{**vars(cfg.train), "max_steps": 1})).held == 4 * params
+        sharded = step_floor(cfg.model, cfg.train, processes=2, sharded=True)
+        assert (sharded.held, sharded.gradients) == (12 * (params // 2), 4 * (params // 2))
+        if cfg.train.batch_size % 2 == 0:  # each of 2 processes takes half of the batch
+            assert step_floor(cfg.model, cfg.train, processes=2).activations == floor.activations // 2
+        ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len))
         step = TrainStep(model, ids)
         step()  # the optimizer's moments exist from the first step on
         measured = step_memory(step, torch.device("cpu"))
-        assert floor.total <= measured["resident"] + measured["step_peak"], (strategy, floor, measured)
+        assert floor.total <= measured["resident"] + measured["step_peak"], (strategy, overrides, floor, measured)
+    assert floor.gradients > floor.activations  # the last case is the one it says
 
 
 def test_a_run_that_cannot_fit_stops_before_allocating(tmp_path, capsys):
@@ -507,20 +517,26 @@ def test_a_run_that_cannot_fit_stops_before_allocating(tmp_path, capsys):
     assert main(["train", "--out", str(run), "-q", *TINY, "train.max_steps=2", "train.eval_every=2"]) == 0
 
 
-def test_memory_capacity_takes_a_containers_limit(tmp_path, monkeypatch):
+def test_memory_capacity_takes_a_containers_limit_and_swap(tmp_path, monkeypatch):
     from normlab.train import memory
 
-    physical = memory.memory_capacity(torch.device("cpu"))
-    assert physical is not None and physical > 0
-    limit = tmp_path / "memory.max"
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, meminfo = tmp_path / "memory.max", tmp_path / "meminfo"
     monkeypatch.setattr(memory, "CGROUP_LIMITS", (limit,))
+    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    meminfo.write_text("MemTotal:       1000 kB\nSwapTotal:       2048 kB\nSwapFree:        2048 kB\n")
+    cpu = torch.device("cpu")
     for text, expected in (("max\n", physical), (f"{physical // 4}\n", physical // 4),
                            (f"{physical * 4}\n", physical)):
         limit.write_text(text)
-        assert memory.memory_capacity(torch.device("cpu")) == expected
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this machine share it
-    assert memory.memory_capacity(torch.device("cpu")) == physical // 2
+        assert memory.memory_capacity(cpu) == expected + 2048 * 1024
+    assert memory.memory_capacity(cpu, local_processes=2) == (physical + 2048 * 1024) // 2
+    meminfo.unlink()  # no such file: no swap counted
+    assert memory.memory_capacity(cpu) == physical
     assert memory.memory_capacity(torch.device("meta")) is None
+    for value, expected in (("4", 4), ("", 1), ("two", 1), ("0", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)  # torchrun's processes on this machine
+        assert memory.local_processes() == expected
 
 
 def test_an_allocation_that_fails_is_one_line_and_a_failed_run(monkeypatch, capsys):

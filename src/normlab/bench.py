@@ -466,12 +466,7 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
             return hf(input_ids=x, use_cache=False).logits
 
         steps = {"normlab": TrainStep(ours, ids), "transformers": TrainStep(hf, ids, hf_logits)}
-        compile_seconds = None
-        if compiled:
-            steps["normlab compiled"] = TrainStep(torch.compile(build_model(sizes.model_config()).to(device)), ids)
-            start = time.perf_counter()
-            steps["normlab compiled"]()
-            compile_seconds = time.perf_counter() - start
+        compile_seconds = _first_compiled_step(steps, sizes, ids, device) if compiled else None
         train = interleaved(steps, rounds, 1, device)
         with torch.no_grad():
             forward = interleaved({"normlab": functools.partial(ours, ids),
@@ -481,7 +476,7 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
                                  "normlab", "transformers", config),
                     forward.figure("transformers", f"forward normlab / LlamaForCausalLM, config {label}",
                                    "normlab", "transformers", config)]
-        if compiled:
+        if compile_seconds is not None:
             note = (f"the first compiled step took {_duration(compile_seconds)} (compiling, or reading torch's "
                     "compile cache of an earlier process), not in the ratio")
             figures += [train.figure("transformers", f"train step normlab compiled / eager, config {label}",
@@ -491,6 +486,25 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
         if device.type == "cpu":
             figures += [_share_figure(side, label, sizes, steps[side]) for side in ("normlab", "transformers")]
     return figures
+
+
+def _first_compiled_step(steps: dict[str, Callable[[], Any]], sizes: Sizes, ids: torch.Tensor,
+                         device: torch.device) -> float | None:
+    """Add "normlab compiled" (a TrainStep on torch.compile of a model with the same weights) to
+    ``steps`` and return the seconds of its first call, which compiles; None, with a line
+    saying why, when compiling fails (inductor without a C++ compiler)."""
+    step = TrainStep(torch.compile(build_model(sizes.model_config()).to(device)), ids)
+    start = time.perf_counter()
+    try:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as err:  # e.g. no C++ compiler for inductor: report, go on without it
+        _say(f"  (normlab compiled: left out, its first call failed: {type(err).__name__}: "
+             f"{str(err).splitlines()[0] if str(err) else ''})")
+        return None
+    steps["normlab compiled"] = step
+    return time.perf_counter() - start
 
 
 def bench_generation(sizes: Sizes, rounds: int, device: torch.device, new_tokens: int = 128,

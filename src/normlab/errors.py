@@ -68,6 +68,6 @@ def check_creatable(path: Path) -> None:
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise ConfigError(f"cannot create '{path}': '{folder}' is not a directory")
+        raise ConfigError(f"cannot write '{path}': '{folder}' is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create '{path}': no permission to write in '{folder}'")
+        raise ConfigError(f"cannot write '{path}': no permission to write in '{folder}'")

@@ -164,6 +164,7 @@ def _train(cfg: RunConfig, run: RunDir, resume: bool, progress: bool, world: Wor
         )
     if not exists and run.path.is_dir() and any(run.path.iterdir()):
         raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
+    _check_fits(cfg, world)  # before the run directory, the data and any allocation
     distributed.barrier(world)
     _main_first(world, run.create)
     shard_dir, tokenizer = _main_first(world, lambda: load_data(cfg.data, progress))
@@ -188,6 +189,25 @@ def _train(cfg: RunConfig, run: RunDir, resume: bool, progress: bool, world: Wor
         run.write_plugins(record(cfg.plugins))
         tokenizer.save(run.tokenizer_path)  # evaluate, generate and export read it from the run
     return trainer.fit()
+
+
+def run_device(name: str, world: World) -> torch.device:
+    """``train.device`` for this process: under torchrun on CUDA, the GPU of its local rank."""
+    device = pick_device(name)
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.distributed else device
+
+
+def _check_fits(cfg: RunConfig, world: World) -> None:
+    """``check_step_fits`` on every rank: a run that cannot fit stops here (one line, exit
+    status 1), not in the kernel's OOM killer; one rank that cannot stops them all."""
+    error = None
+    try:
+        check_step_fits(cfg.model, cfg.train, run_device(cfg.train.device, world), world.world_size,
+                        world.distributed and cfg.train.distributed == "fsdp")
+    except MemoryError as err:
+        error = err
+    if distributed.any_rank(world, error is not None):
+        raise error or MemoryError("another process of this run does not fit in its memory (see its message)")
 
 
 def _main_first(world: World, fn):
@@ -217,11 +237,7 @@ class Trainer:
                  world: World = distributed.SINGLE) -> None:
         self.cfg, self.run, self.progress, self.world = cfg, run, progress, world
         t = cfg.train
-        self.device = pick_device(t.device)
-        if self.device.type == "cuda" and world.distributed:
-            self.device = torch.device("cuda", world.local_rank)
-        # before any allocation: a run that cannot fit stops here, not in the OOM killer
-        check_step_fits(cfg.model, t, self.device, world.world_size, world.distributed and t.distributed == "fsdp")
+        self.device = run_device(t.device, world)
         self.train_shards = TokenShards(shard_dir, "train")
         self.val_shards = TokenShards(shard_dir, "val")
         self.sampler = BatchSampler(self.train_shards, t.batch_size // world.world_size, t.seq_len, t.seed,
