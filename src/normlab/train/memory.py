@@ -1,4 +1,4 @@
-"""A lower bound on the memory of a training run, checked before anything is allocated.
+"""A lower bound on the memory of a training run, checked before the model is built.
 
 A batch size or width that cannot fit (``train.batch_size=100000000`` for 100) used to show up
 late: on the CPU, Linux hands out the pages lazily until the kernel's OOM killer ends the process

@@ -164,7 +164,7 @@ def _train(cfg: RunConfig, run: RunDir, resume: bool, progress: bool, world: Wor
         )
     if not exists and run.path.is_dir() and any(run.path.iterdir()):
         raise CheckpointError(f"'{run.path}' is not empty and holds no normlab run; choose another --out")
-    _check_fits(cfg, world)  # before the run directory, the data and any allocation
+    _check_fits(cfg, world)  # before the run directory and the model
     distributed.barrier(world)
     _main_first(world, run.create)
     shard_dir, tokenizer = _main_first(world, lambda: load_data(cfg.data, progress))
