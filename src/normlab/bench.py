@@ -466,7 +466,9 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
             return hf(input_ids=x, use_cache=False).logits
 
         steps = {"normlab": TrainStep(ours, ids), "transformers": TrainStep(hf, ids, hf_logits)}
-        compile_seconds = _first_compiled_step(steps, sizes, ids, device) if compiled else None
+        compile_seconds = None
+        if compiled and (first := _first_compiled_step(sizes, ids, device)) is not None:
+            steps["normlab compiled"], compile_seconds = first
         train = interleaved(steps, rounds, 1, device)
         with torch.no_grad():
             forward = interleaved({"normlab": functools.partial(ours, ids),
@@ -488,11 +490,10 @@ def bench_transformers(targets: dict[str, Sizes], rounds: int, device: torch.dev
     return figures
 
 
-def _first_compiled_step(steps: dict[str, Callable[[], Any]], sizes: Sizes, ids: torch.Tensor,
-                         device: torch.device) -> float | None:
-    """Add "normlab compiled" (a TrainStep on torch.compile of a model with the same weights) to
-    ``steps`` and return the seconds of its first call, which compiles; None, with a line
-    saying why, when compiling fails (inductor without a C++ compiler)."""
+def _first_compiled_step(sizes: Sizes, ids: torch.Tensor, device: torch.device) -> tuple[TrainStep, float] | None:
+    """A TrainStep on torch.compile of a model with the same weights, called once, and the
+    seconds of that first call, which compiles; None, with a line saying why, when compiling
+    fails (inductor without a C++ compiler)."""
     step = TrainStep(torch.compile(build_model(sizes.model_config()).to(device)), ids)
     start = time.perf_counter()
     try:
@@ -503,8 +504,7 @@ def _first_compiled_step(steps: dict[str, Callable[[], Any]], sizes: Sizes, ids:
         _say(f"  (normlab compiled: left out, its first call failed: {type(err).__name__}: "
              f"{str(err).splitlines()[0] if str(err) else ''})")
         return None
-    steps["normlab compiled"] = step
-    return time.perf_counter() - start
+    return step, time.perf_counter() - start
 
 
 def bench_generation(sizes: Sizes, rounds: int, device: torch.device, new_tokens: int = 128,

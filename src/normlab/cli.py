@@ -570,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", help="comma-separated subset of transformers, generation, scoring, moe, "
                    "strategies, memory, norms (default: all)")
     p.add_argument("--compile", action="store_true", help="transformers section: also normlab's train step "
-                   "with train.compile=true, against eager and against transformers (compiling takes about a "
-                   "minute per config on 2 CPU cores)")
+                   "with train.compile=true, against eager and against transformers (compiling takes 20-50 s "
+                   "per config on 2 CPU cores, less from torch's compile cache)")
     p.add_argument("--out", metavar="DIR", help="also write DIR/bench.json (every figure, its IQR, median "
                    "times, sizes and the machine) and DIR/bench.md (a Markdown table)")
     p.set_defaults(func=_cmd_bench)
